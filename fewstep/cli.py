@@ -1,0 +1,44 @@
+"""The `fewstep` command. ``main(argv)`` is callable in-process (tests use it)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .commands import demo
+from .errors import FewstepError
+
+COMMANDS = (demo,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fewstep", description="Distill diffusion and flow models into few-step generators.")
+    parser.add_argument("--version", action="version", version=f"fewstep {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMANDS:
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one CLI command; return its exit code (2 for bad input, with one line on stderr)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed its one-line usage error
+        return int(e.code or 0)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args)
+    except FewstepError as e:
+        print(f"fewstep: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fewstep: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: embedded toy data (mixtures, digits) and loaders for real runs."""

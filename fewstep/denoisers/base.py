@@ -1,0 +1,162 @@
+"""The Denoiser: every model answers "what is x0?" for (x_t, t, condition).
+
+Design after k-diffusion's wrappers and EDM's preconditioning (Karras et al. 2022): the wrapper
+owns the parameterization, so losses and solvers only see x0_hat (or, on request, the network's
+native output: eps, v, x0 or flow velocity).
+
+Classifier-free guidance (Ho & Salimans 2022) uses diffusers' convention everywhere:
+``pred = pred_u + w (pred_c - pred_u)``, so w = 1 is the plain conditional prediction. LCM writes
+``pred_c + w' (pred_c - pred_u)`` with ``w' = w - 1``. Both branches run in one batched forward
+over ``[uncond; cond]``. A network with a guidance embedding (``time_cond_proj_dim``, LCM) gets
+``w - 1`` through that embedding instead and runs once.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import FewstepError, check_choice
+from ..schedules import PREDICTION_TYPES, Schedule, native_from_x0_eps, x0_eps_from_native
+
+Cond = Mapping[str, Tensor]
+Guidance = float | Tensor | None
+
+
+def guidance_embedding(w: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding of 1000 w (LCM, Luo et al. 2023; diffusers' get_guidance_scale_embedding).
+
+    ``w`` is LCM's guidance (a pipeline's guidance_scale - 1), shape (B,); returns (B, dim) float32.
+    """
+    w = w.float().reshape(-1) * 1000.0
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(math.log(10000.0) / (half - 1)))
+    args = w[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if dim % 2 == 1:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb
+
+
+def _batch(v: Tensor | float, n: int, device: torch.device) -> Tensor:
+    v = torch.as_tensor(v, device=device)
+    return v.expand(n) if v.ndim == 0 else v
+
+
+def _stack_cond(uncond: Cond, cond: Cond, n: int) -> dict[str, Tensor]:
+    if set(uncond) != set(cond):
+        raise FewstepError(f"unconditional keys {sorted(uncond)} differ from conditional keys {sorted(cond)}")
+    out = {}
+    for k, c in cond.items():
+        u = uncond[k].to(c.device)
+        if u.shape[0] == 1 and n != 1:
+            u = u.expand(n, *u.shape[1:])
+        out[k] = torch.cat([u, c])
+    return out
+
+
+class Denoiser(nn.Module):
+    """Base class: subclasses implement ``network_output`` (the raw network call) and ``cond_keys``.
+
+    Args:
+        schedule: the noise schedule the network was trained on.
+        prediction_type: what the network outputs: epsilon, v_prediction, sample or flow.
+        null_cond: the condition meaning "no condition" (empty-prompt embeddings, the null class),
+            batch size 1; needed for classifier-free guidance.
+        guidance_embedding_dim: width of the network's guidance embedding input, if it has one.
+    """
+
+    cond_keys: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        prediction_type: str,
+        *,
+        null_cond: Cond | None = None,
+        guidance_embedding_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.schedule = schedule
+        self.prediction_type = check_choice(prediction_type, PREDICTION_TYPES, "prediction type")
+        self.null_cond = dict(null_cond) if null_cond is not None else None
+        self.guidance_embedding_dim = guidance_embedding_dim
+
+    # ------------------------------------------------------------------ to implement
+    def network_output(self, x_t: Tensor, t: Tensor, cond: Cond | None, timestep_cond: Tensor | None) -> Tensor:
+        """The network's raw output for a batch (any dtype); ``t`` is fewstep time, shape (B,)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ public
+    def check_cond(self, cond: Cond | None) -> None:
+        if cond is None:
+            return
+        unknown = set(cond) - set(self.cond_keys)
+        if unknown:
+            valid = ", ".join(self.cond_keys) or "none (unconditional model)"
+            raise FewstepError(f"unknown condition key(s) {sorted(unknown)} for {type(self).__name__}; valid: {valid}")
+
+    def native(
+        self,
+        x_t: Tensor,
+        t: Tensor | float,
+        cond: Cond | None = None,
+        *,
+        guidance: Guidance = None,
+        uncond: Cond | None = None,
+    ) -> Tensor:
+        """The network's native prediction in float32, with classifier-free guidance applied."""
+        self.check_cond(cond)
+        n = x_t.shape[0]
+        t = _batch(t, n, x_t.device)
+        if self.guidance_embedding_dim is not None:
+            w = _batch(1.0 if guidance is None else guidance, n, x_t.device).float()
+            emb = guidance_embedding(w - 1.0, self.guidance_embedding_dim)
+            return self.network_output(x_t, t, cond, emb).float()
+        if guidance is None:
+            return self.network_output(x_t, t, cond, None).float()
+        w = _batch(guidance, n, x_t.device).float()
+        if bool((w == 1).all()):
+            return self.network_output(x_t, t, cond, None).float()
+        if cond is None:
+            raise FewstepError("classifier-free guidance needs a condition (cond is None)")
+        uncond = uncond if uncond is not None else self.null_cond
+        if uncond is None:
+            raise FewstepError(f"{type(self).__name__} has no null condition; set null_cond to use guidance")
+        both = self.network_output(torch.cat([x_t, x_t]), torch.cat([t, t]), _stack_cond(uncond, cond, n), None)
+        pred_u, pred_c = both.float().chunk(2)
+        w = w.reshape(-1, *([1] * (x_t.ndim - 1)))
+        return pred_u + w * (pred_c - pred_u)
+
+    def predict(
+        self,
+        x_t: Tensor,
+        t: Tensor | float,
+        cond: Cond | None = None,
+        *,
+        guidance: Guidance = None,
+        uncond: Cond | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """(x0_hat, eps_hat) in float32."""
+        native = self.native(x_t, t, cond, guidance=guidance, uncond=uncond)
+        alpha, sigma = self.schedule.coefficients(t, x_t)
+        return x0_eps_from_native(native, x_t, alpha, sigma, self.prediction_type)
+
+    def forward(
+        self,
+        x_t: Tensor,
+        t: Tensor | float,
+        cond: Cond | None = None,
+        *,
+        guidance: Guidance = None,
+        uncond: Cond | None = None,
+    ) -> Tensor:
+        """x0_hat in float32."""
+        return self.predict(x_t, t, cond, guidance=guidance, uncond=uncond)[0]
+
+    def native_target(self, x0: Tensor, eps: Tensor, t: Tensor | float) -> Tensor:
+        """What this network should output for (x0, eps) at t: the denoising training target."""
+        alpha, sigma = self.schedule.coefficients(t, x0)
+        return native_from_x0_eps(x0.float(), eps.float(), alpha, sigma, self.prediction_type)

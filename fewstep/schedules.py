@@ -1,0 +1,319 @@
+"""Noise schedules (VP/DDPM and rectified flow) and conversions between parameterizations.
+
+One time convention for all of fewstep (docs/concepts.md): ``t`` is the timestep a diffusers
+model receives, and noise grows with ``t``.
+
+- VP (DDPM, Ho et al. 2020; SD 1.x/2.x, SDXL): ``t`` in [0, T-1] indexes the table of
+  alphā; ``x_t = alpha_t x0 + sigma_t eps`` with ``alpha_t = sqrt(alphā_t)``,
+  ``sigma_t = sqrt(1 - alphā_t)``. Any ``t < 0`` is the clean end of sampling (alphā =
+  ``final_alpha_cumprod``, 1 unless the scheduler config says ``set_alpha_to_one: false``),
+  exactly as diffusers' DDIM treats a previous timestep below zero.
+- Rectified flow (Liu et al. 2022; SD3, FlowMatch* schedulers): ``t = T * s`` with ``s`` in [0, 1],
+  ``x_t = (1 - s) x0 + s eps``; the velocity ``u = eps - x0`` (diffusers' sign).
+
+Schedule tables are float64; every coefficient handed to a network's output is float32 or
+wider, whatever the network's dtype.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import FewstepError, check_choice, lookup
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+def expand_as(v: Tensor, x: Tensor) -> Tensor:
+    """Reshape a per-sample vector (B,) to broadcast against ``x`` (B, ...)."""
+    return v.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+# ----------------------------------------------------------------------------- conversions
+def x0_eps_from_native(
+    native: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str
+) -> tuple[Tensor, Tensor]:
+    """(x0, eps) implied by a network output of ``prediction_type`` at ``x_t = alpha x0 + sigma eps``.
+
+    ``alpha`` and ``sigma`` broadcast against ``x_t``. v-prediction (Salimans & Ho 2022) is
+    ``v = alpha eps - sigma x0``; flow velocity is ``u = eps - x0``. The formulas are exact for any
+    (alpha, sigma), not only alpha^2 + sigma^2 = 1 or alpha + sigma = 1.
+    """
+    native, x_t = native.float(), x_t.float()
+    if prediction_type == "epsilon":
+        eps = native
+        x0 = (x_t - sigma * eps) / alpha
+    elif prediction_type == "sample":
+        x0 = native
+        eps = (x_t - alpha * x0) / sigma
+    elif prediction_type == "v_prediction":
+        norm = alpha * alpha + sigma * sigma
+        x0 = (alpha * x_t - sigma * native) / norm
+        eps = (sigma * x_t + alpha * native) / norm
+    elif prediction_type == "flow":
+        x0 = (x_t - sigma * native) / (alpha + sigma)
+        eps = x0 + native
+    else:
+        check_choice(prediction_type, PREDICTION_TYPES, "prediction type")
+        raise AssertionError  # unreachable
+    return x0, eps
+
+
+def native_from_x0_eps(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
+    """The output a network of ``prediction_type`` should give for this (x0, eps): its training target."""
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "sample":
+        return x0
+    if prediction_type == "v_prediction":
+        return alpha * eps - sigma * x0
+    if prediction_type == "flow":
+        return eps - x0
+    check_choice(prediction_type, PREDICTION_TYPES, "prediction type")
+    raise AssertionError  # unreachable
+
+
+# ----------------------------------------------------------------------------- schedules
+class Schedule:
+    """Maps fewstep time ``t`` to (alpha_t, sigma_t). Subclasses: VPSchedule, FlowSchedule."""
+
+    kind: str
+    num_train_timesteps: int
+    t_clean: float  # the value of t meaning "clean data" (alpha = 1, sigma = 0 unless configured)
+
+    def alpha_sigma(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        """(alpha_t, sigma_t) as float64 tensors shaped like ``t``."""
+        raise NotImplementedError
+
+    def coefficients(self, t: Tensor | float, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(alpha_t, sigma_t) in float32, shaped to broadcast against ``like`` (B, ...)."""
+        t = torch.as_tensor(t, dtype=torch.float64, device=like.device)
+        if t.ndim == 0:
+            t = t.expand(like.shape[0])
+        alpha, sigma = self.alpha_sigma(t)
+        return expand_as(alpha.float(), like), expand_as(sigma.float(), like)
+
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor | float) -> Tensor:
+        """x_t = alpha_t x0 + sigma_t eps (computed in float32, returned in x0's dtype)."""
+        alpha, sigma = self.coefficients(t, x0)
+        return (alpha * x0.float() + sigma * eps.float()).to(x0.dtype)
+
+    def timesteps(self, num_steps: int, spacing: str | None = None) -> Tensor:
+        """Descending sampling timesteps (float64, ``num_steps`` values, the clean end excluded)."""
+        raise NotImplementedError
+
+    def sampling_grid(self, num_steps: int, spacing: str | None = None) -> Tensor:
+        """``timesteps(num_steps)`` followed by ``t_clean``: the ``num_steps + 1`` points a sampler visits."""
+        ts = self.timesteps(num_steps, spacing)
+        return torch.cat([ts, torch.tensor([self.t_clean], dtype=torch.float64)])
+
+    # Coordinates in which the probability-flow ODE is simple. VP: y = x / alpha, r = sigma / alpha,
+    # dy/dr = eps (Karras et al. 2022, EDM eq. 4 with s(t) = alpha). Flow: y = x, r = s, dy/dr = eps - x0.
+    def ode_coords(self, t: Tensor | float, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(c, r) with y = x / c the ODE state and r the ODE's independent variable."""
+        raise NotImplementedError
+
+    def ode_derivative(self, x0: Tensor, eps: Tensor) -> Tensor:
+        """dy/dr for the (x0, eps) the denoiser predicts."""
+        raise NotImplementedError
+
+
+class VPSchedule(Schedule):
+    """Discrete variance-preserving schedule (DDPM; Ho et al. 2020) over alphā from a beta table."""
+
+    kind = "vp"
+    t_clean = -1.0
+
+    def __init__(
+        self,
+        alphas_cumprod: np.ndarray | Tensor,
+        *,
+        final_alpha_cumprod: float = 1.0,
+        timestep_spacing: str = "trailing",
+        steps_offset: int = 0,
+    ) -> None:
+        ab = torch.as_tensor(np.asarray(alphas_cumprod, dtype=np.float64))
+        if ab.ndim != 1 or len(ab) < 2 or not bool(((ab >= 0) & (ab <= 1)).all()):
+            raise FewstepError("alphas_cumprod must be a 1-D table of values in [0, 1]")
+        self.alphas_cumprod = ab
+        self.num_train_timesteps = len(ab)
+        self.final_alpha_cumprod = float(final_alpha_cumprod)
+        self.timestep_spacing = check_choice(timestep_spacing, TIMESTEP_SPACINGS, "timestep spacing")
+        self.steps_offset = int(steps_offset)
+
+    @classmethod
+    def from_betas(
+        cls,
+        beta_schedule: str = "scaled_linear",
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        num_train_timesteps: int = 1000,
+        *,
+        rescale_betas_zero_snr: bool = False,
+        **kwargs: Any,
+    ) -> "VPSchedule":
+        """Stable Diffusion's schedule by default (scaled_linear, 0.00085 to 0.012, 1000 steps)."""
+        betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps)
+        ab = np.cumprod(1.0 - betas)
+        if rescale_betas_zero_snr:
+            ab = rescale_zero_terminal_snr(ab)
+        return cls(ab, **kwargs)
+
+    def alpha_sigma(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        table = self.alphas_cumprod.to(t.device)
+        tc = t.clamp(0, self.num_train_timesteps - 1)
+        lo = tc.floor().long()
+        hi = (lo + 1).clamp(max=self.num_train_timesteps - 1)
+        frac = tc - lo.to(torch.float64)
+        # Integer t reads the table exactly; fractional t interpolates log alphā linearly.
+        log_ab = torch.log(table[lo].clamp_min(1e-300)) * (1 - frac) + torch.log(table[hi].clamp_min(1e-300)) * frac
+        ab = torch.where(frac == 0, table[lo], torch.exp(log_ab))
+        ab = torch.where(t < 0, torch.full_like(ab, self.final_alpha_cumprod), ab)
+        return ab.sqrt(), (1 - ab).clamp_min(0).sqrt()
+
+    def timesteps(self, num_steps: int, spacing: str | None = None) -> Tensor:
+        """Timesteps as diffusers' DDIMScheduler.set_timesteps computes them for the same spacing."""
+        T = self.num_train_timesteps
+        if not 1 <= num_steps <= T:
+            raise FewstepError(f"num_steps must be in 1..{T}, got {num_steps}")
+        spacing = check_choice(spacing or self.timestep_spacing, TIMESTEP_SPACINGS, "timestep spacing")
+        if spacing == "leading":
+            ratio = T // num_steps
+            ts = (np.arange(0, num_steps) * ratio).round()[::-1] + self.steps_offset
+        elif spacing == "trailing":
+            ratio = T / num_steps
+            ts = np.round(np.arange(T, 0, -ratio)) - 1
+        else:
+            ts = np.linspace(0, T - 1, num_steps).round()[::-1]
+        return torch.tensor(ts.copy(), dtype=torch.float64)
+
+    def ode_coords(self, t: Tensor | float, like: Tensor) -> tuple[Tensor, Tensor]:
+        alpha, sigma = self.coefficients(t, like)
+        return alpha, sigma / alpha
+
+    def ode_derivative(self, x0: Tensor, eps: Tensor) -> Tensor:
+        return eps
+
+
+class FlowSchedule(Schedule):
+    """Rectified-flow schedule x_t = (1 - s) x0 + s eps with t = T s (Liu et al. 2022; Esser et al. 2024).
+
+    ``shift`` only changes the sampling grid (s -> shift s / (1 + (shift - 1) s), as SD3), not the model.
+    """
+
+    kind = "flow"
+    t_clean = 0.0
+
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0) -> None:
+        if shift <= 0:
+            raise FewstepError(f"shift must be positive, got {shift}")
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.shift = float(shift)
+
+    def alpha_sigma(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        s = (torch.as_tensor(t, dtype=torch.float64) / self.num_train_timesteps).clamp(0, 1)
+        return 1 - s, s
+
+    def shifted(self, s: np.ndarray) -> np.ndarray:
+        return self.shift * s / (1 + (self.shift - 1) * s)
+
+    def timesteps(self, num_steps: int, spacing: str | None = None) -> Tensor:
+        """Timesteps as diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps computes them (static shift)."""
+        if num_steps < 1:
+            raise FewstepError(f"num_steps must be at least 1, got {num_steps}")
+        if spacing not in (None, "linspace"):
+            raise FewstepError(f"unknown timestep spacing {spacing!r} for a flow schedule; valid: linspace")
+        T = self.num_train_timesteps
+        s_min = float(self.shifted(np.array(1.0 / T)))
+        s = self.shifted(np.linspace(1.0, s_min, num_steps))
+        return torch.tensor(s * T, dtype=torch.float64)
+
+    def ode_coords(self, t: Tensor | float, like: Tensor) -> tuple[Tensor, Tensor]:
+        _, sigma = self.coefficients(t, like)
+        return torch.ones_like(sigma), sigma
+
+    def ode_derivative(self, x0: Tensor, eps: Tensor) -> Tensor:
+        return eps - x0
+
+
+# ----------------------------------------------------------------------------- beta tables
+def make_betas(beta_schedule: str, beta_start: float, beta_end: float, num_train_timesteps: int) -> np.ndarray:
+    """Beta tables as diffusers defines them (float64 here)."""
+    T = num_train_timesteps
+    if beta_schedule == "linear":
+        return np.linspace(beta_start, beta_end, T, dtype=np.float64)
+    if beta_schedule == "scaled_linear":
+        return np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2
+    if beta_schedule == "squaredcos_cap_v2":  # Nichol & Dhariwal 2021, cosine schedule
+
+        def abar(u: float) -> float:
+            return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        return np.array([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)], dtype=np.float64)
+    check_choice(beta_schedule, BETA_SCHEDULES, "beta schedule")
+    raise AssertionError  # unreachable
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """Lin et al. 2024 ("Common diffusion noise schedules and sample steps are flawed"), Algorithm 1."""
+    root = np.sqrt(alphas_cumprod)
+    first, last = root[0], root[-1]
+    root = (root - last) * first / (first - last)
+    return root**2
+
+
+# ----------------------------------------------------------------------------- from diffusers configs
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler")
+
+
+def schedule_from_config(config: Mapping[str, Any]) -> Schedule:
+    """A Schedule from any diffusers scheduler config (DDPM, DDIM, PNDM, LCM, Euler, DPM-Solver, FlowMatch...)."""
+    config = dict(config)
+    name = config.get("_class_name", "")
+    T = int(config.get("num_train_timesteps", 1000))
+    if name in FLOW_SCHEDULERS or name.startswith("FlowMatch"):
+        if config.get("use_dynamic_shifting"):
+            raise FewstepError(f"{name} with use_dynamic_shifting=True is not supported; set a static shift")
+        return FlowSchedule(T, shift=float(config.get("shift", 1.0)))
+    if config.get("trained_betas") is not None:
+        betas = np.asarray(config["trained_betas"], dtype=np.float64)
+    else:
+        betas = make_betas(
+            config.get("beta_schedule", "linear"),
+            float(config.get("beta_start", 0.0001)),
+            float(config.get("beta_end", 0.02)),
+            T,
+        )
+    ab = np.cumprod(1.0 - betas)
+    if config.get("rescale_betas_zero_snr", False):
+        ab = rescale_zero_terminal_snr(ab)
+    final = 1.0 if config.get("set_alpha_to_one", True) else float(ab[0])
+    return VPSchedule(
+        ab,
+        final_alpha_cumprod=final,
+        timestep_spacing=config.get("timestep_spacing", "leading"),
+        steps_offset=int(config.get("steps_offset", 0)),
+    )
+
+
+def prediction_type_from_config(config: Mapping[str, Any]) -> str:
+    """The network's output type named by a scheduler config ("flow" for FlowMatch schedulers)."""
+    name = config.get("_class_name", "")
+    if name.startswith("FlowMatch"):
+        return "flow"
+    return check_choice(config.get("prediction_type", "epsilon"), PREDICTION_TYPES[:3], "prediction type")
+
+
+SCHEDULES = {"vp": VPSchedule.from_betas, "flow": FlowSchedule}
+
+
+def make_schedule(name: str, **kwargs: Any) -> Schedule:
+    """Build a schedule by name ("vp" or "flow") with plain keyword arguments."""
+    return lookup(SCHEDULES, name, "schedule")(**kwargs)

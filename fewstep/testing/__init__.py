@@ -1,0 +1,1 @@
+"""Offline fixtures: tiny diffusers pipelines built from configs (random weights), for tests and smoke runs."""

@@ -1,0 +1,115 @@
+"""Tiny SD-1.5-, SDXL- and SD3-shaped pipelines from configs (random weights), built offline in < 1 s.
+
+They have the real classes and wiring of the big ones, so a recipe that runs against a tiny pipeline
+saved to disk exercises the same ``from_pretrained`` path as Stable Diffusion itself.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from ..errors import lookup
+from .tokenizer import write_clip_tokenizer
+
+TEXT_DIM = 32
+SAMPLE_SIZE = 16  # latent side; images are 32 x 32 (VAE scale factor 2)
+
+
+def _tokenizer(tmp: Path) -> CLIPTokenizer:
+    return CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp), model_max_length=77)
+
+
+def _text_config(tok: CLIPTokenizer, projection_dim: int = TEXT_DIM) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        hidden_size=TEXT_DIM, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=len(tok), max_position_embeddings=77, projection_dim=projection_dim, layer_norm_eps=1e-5,
+    )
+
+
+def _vae(**kwargs) -> AutoencoderKL:
+    return AutoencoderKL(
+        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4, sample_size=32,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, **kwargs,
+    )
+
+
+def _sd_scheduler() -> DDIMScheduler:
+    # SD 1.5's schedule; DDIM with SD's own set_alpha_to_one / steps_offset choices.
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def tiny_sd(tmp: Path) -> StableDiffusionPipeline:
+    tok = _tokenizer(tmp / "tok")
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=SAMPLE_SIZE, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_DIM, attention_head_dim=8,
+    )
+    return StableDiffusionPipeline(
+        vae=_vae(), text_encoder=CLIPTextModel(_text_config(tok)), tokenizer=tok, unet=unet,
+        scheduler=_sd_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def tiny_sdxl(tmp: Path) -> StableDiffusionXLPipeline:
+    tok = _tokenizer(tmp / "tok")
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=SAMPLE_SIZE, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + TEXT_DIM, cross_attention_dim=2 * TEXT_DIM,
+    )
+    return StableDiffusionXLPipeline(
+        vae=_vae(), text_encoder=CLIPTextModel(_text_config(tok)), text_encoder_2=CLIPTextModelWithProjection(_text_config(tok)),
+        tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=_sd_scheduler(), force_zeros_for_empty_prompt=True,
+    )
+
+
+def tiny_sd3(tmp: Path) -> StableDiffusion3Pipeline:
+    tok = _tokenizer(tmp / "tok")
+    transformer = SD3Transformer2DModel(
+        sample_size=SAMPLE_SIZE, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=2 * TEXT_DIM,
+        pooled_projection_dim=2 * TEXT_DIM, out_channels=4,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=CLIPTextModelWithProjection(_text_config(tok)), tokenizer=tok,
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(tok)), tokenizer_2=tok,
+        text_encoder_3=None, tokenizer_3=None,
+    )
+
+
+BUILDERS = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3}
+
+
+def build_tiny_pipeline(family: str, tmp: str | Path, seed: int = 0):
+    """A tiny pipeline of ``family`` (sd, sdxl, sd3) with seeded random weights; ``tmp`` holds its tokenizer files."""
+    builder = lookup(BUILDERS, family, "pipeline family")
+    torch.manual_seed(seed)
+    pipe = builder(Path(tmp))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_pipeline(family: str, path: str | Path, seed: int = 0) -> Path:
+    """Build a tiny ``family`` pipeline and save it with ``save_pretrained`` to ``path``; return the path."""
+    path = Path(path)
+    build_tiny_pipeline(family, path.parent / f".{path.name}-tok", seed).save_pretrained(path)
+    return path
