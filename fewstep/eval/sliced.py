@@ -24,6 +24,6 @@ def sliced_wasserstein2(a: Tensor, b: Tensor, *, num_directions: int = 256, seed
     if a.ndim != 2 or a.shape != b.shape:
         raise FewstepError(f"SW2 needs two (N, D) sets of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     theta = directions(a.shape[1], num_directions, seed)
-    pa = torch.sort(a.double() @ theta.T, dim=0).values
-    pb = torch.sort(b.double() @ theta.T, dim=0).values
+    pa = torch.sort(theta @ a.double().T, dim=1).values  # (directions, N): sort along contiguous memory
+    pb = torch.sort(theta @ b.double().T, dim=1).values
     return float(((pa - pb) ** 2).mean().sqrt())
