@@ -5,10 +5,10 @@ import argparse
 import sys
 
 from . import __version__
-from .commands import demo
+from .commands import demo, distill, ls, sample, validate
 from .errors import FewstepError
 
-COMMANDS = (demo,)
+COMMANDS = (distill, validate, sample, ls, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run one CLI command; return its exit code (2 for bad input, with one line on stderr)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # overrides may follow flags: `distill RECIPE --dry-run k=v`
+            if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+                args.overrides = list(args.overrides) + extra
+            else:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # argparse already printed its one-line usage error
         return int(e.code or 0)
     if not getattr(args, "run", None):

@@ -34,8 +34,12 @@ def save_safetensors_atomic(tensors: dict[str, Tensor], path: str | Path, metada
     return _atomic(Path(path), lambda f: f.write(data))
 
 
+def write_text_atomic(text: str, path: str | Path) -> Path:
+    return _atomic(Path(path), lambda f: f.write(text.encode()))
+
+
 def write_json_atomic(obj: Any, path: str | Path) -> Path:
     return _atomic(Path(path), lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
 
 
-__all__ = ["save_safetensors_atomic", "write_json_atomic"]
+__all__ = ["save_safetensors_atomic", "write_json_atomic", "write_text_atomic"]

@@ -156,14 +156,16 @@ class VPSchedule(Schedule):
         num_train_timesteps: int = 1000,
         *,
         rescale_betas_zero_snr: bool = False,
-        **kwargs: Any,
+        final_alpha_cumprod: float = 1.0,
+        timestep_spacing: str = "trailing",
+        steps_offset: int = 0,
     ) -> "VPSchedule":
         """Stable Diffusion's schedule by default (scaled_linear, 0.00085 to 0.012, 1000 steps)."""
         betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps)
         ab = np.cumprod(1.0 - betas)
         if rescale_betas_zero_snr:
             ab = rescale_zero_terminal_snr(ab)
-        return cls(ab, **kwargs)
+        return cls(ab, final_alpha_cumprod=final_alpha_cumprod, timestep_spacing=timestep_spacing, steps_offset=steps_offset)
 
     def alpha_sigma(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
         t = torch.as_tensor(t, dtype=torch.float64)

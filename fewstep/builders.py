@@ -1,0 +1,364 @@
+"""The one place that reads a recipe and builds objects, passing plain arguments to each component."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .config import ModelSection, Recipe, check_kwargs
+from .data.plan import ArrayDataset
+from .denoisers import Denoiser, MixtureDenoiser, MLPDenoiser, MLPNet, SD3Denoiser, UNetDenoiser
+from .errors import FewstepError, lookup
+from .loop import LoopSettings, PhaseOptimizer, optimizer_classes, scheduler_names
+from .losses import loss_class
+from .schedules import SCHEDULES, Schedule
+from .solvers import SOLVERS, make_solver, sample
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- data
+def digits_data(resolution: int = 8, classes: list[int] | None = None) -> ArrayDataset:
+    """sklearn digits: x0 in [-1, 1] and class_labels."""
+    from .data.digits import DigitsDataset
+
+    ds = DigitsDataset(resolution, classes)
+    return ArrayDataset({"x0": ds.images, "class_labels": ds.labels})
+
+
+def mixture_data(name: str = "ring", size: int = 100_000, seed: int = 0, conditional: bool = False, **kwargs: Any) -> ArrayDataset:
+    """``size`` fixed samples of a named mixture (and their mode as class_labels when ``conditional``)."""
+    from .data.mixtures import make_mixture
+
+    m = make_mixture(name, **kwargs)
+    x, k = m.sample(size, torch.Generator().manual_seed(seed), return_components=True)
+    return ArrayDataset({"x0": x, "class_labels": k} if conditional else {"x0": x})
+
+
+def _images(root: str, resolution: int, resize: bool = True, channels: int = 3):
+    from .data.images import ImageFolder
+
+    return ImageFolder(root, resolution, resize=resize, channels=channels)
+
+
+def _tar(shards: str, resolution: int, resize: bool = True):
+    from .data.tar_shards import TarShards
+
+    return TarShards(shards, resolution, resize=resize)
+
+
+def _hf(name: str, resolution: int, split: str = "train", image_column: str = "image", caption_column: str | None = "text",
+        label_column: str | None = None, resize: bool = True):
+    from .data.hf import HFImageDataset
+
+    return HFImageDataset(name, resolution, split=split, image_column=image_column, caption_column=caption_column,
+                          label_column=label_column, resize=resize)
+
+
+def _prompts(path: str):
+    from .data.prompts import PromptDataset
+
+    return PromptDataset(path)
+
+
+def _cache(path: str):
+    from .data.cache import CachedDataset
+
+    return CachedDataset(path)
+
+
+DATA: dict[str, Callable[..., Any]] = {
+    "digits": digits_data, "mixture": mixture_data, "images": _images, "tar": _tar, "hf": _hf,
+    "prompts": _prompts, "cache": _cache,
+}
+
+
+# ----------------------------------------------------------------------------- checks without building
+def _split(section: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    section = dict(section)
+    return section.pop("name"), section
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Every name and keyword in a recipe, checked without loading any model or data."""
+    name, kw = _split(recipe.schedule)
+    check_kwargs(lookup(SCHEDULES, name, "schedule"), kw, "schedule")
+    if not recipe.loss:
+        raise FewstepError("missing section loss (with loss.name)")
+    name, kw = _split(recipe.loss)
+    cls = loss_class(name)
+    check_kwargs(getattr(cls, "build", cls), kw, "loss", skip=("teacher", "student", "schedule"))
+    if not recipe.data:
+        raise FewstepError("missing section data (with data.name)")
+    name, kw = _split(recipe.data)
+    check_kwargs(lookup(DATA, name, "data"), kw, "data")
+    phases = getattr(cls, "phases", ("student",))
+    for phase, spec in [("default", recipe.optimizer), *recipe.optimizers.items()]:
+        if phase != "default" and phase not in phases:
+            raise FewstepError(f"unknown optimizers.{phase}: loss {recipe.loss['name']} has phases {', '.join(phases)}")
+        merged = {**recipe.optimizer, **(spec or {})}
+        opt_name, kw = _split(merged)
+        check_kwargs(lookup(optimizer_classes(), opt_name, "optimizer"), kw, "optimizer", skip=("params",))
+    if recipe.lr_scheduler.name not in scheduler_names():
+        raise FewstepError(f"unknown lr_scheduler.name {recipe.lr_scheduler.name!r}; valid: {', '.join(scheduler_names())}")
+    lookup(SOLVERS, recipe.sample.solver, "sample.solver")
+    for key, spec in (("teacher", recipe.teacher), ("student", recipe.student)):
+        _check_model(spec, key)
+    if recipe.student.init == "teacher" and recipe.teacher.kind in ("none", "mixture"):
+        raise FewstepError(f"student.init=teacher needs a teacher network; teacher.kind is {recipe.teacher.kind}")
+    for tracker in recipe.train.trackers:
+        from accelerate.utils import LoggerType
+
+        valid = [t.value for t in LoggerType if t.value != "all"]
+        if tracker not in valid:
+            raise FewstepError(f"unknown train.trackers entry {tracker!r}; valid: {', '.join(valid)}")
+
+
+def _check_model(spec: ModelSection, key: str) -> None:
+    if spec.kind in ("pipeline", "pretrained") and spec.init != "teacher" and not spec.path:
+        raise FewstepError(f"{key}.kind={spec.kind} needs {key}.path (a local directory, a hub id, or stage:NAME)")
+    if spec.init == "path" and not spec.path:
+        raise FewstepError(f"{key}.init=path needs {key}.path")
+    if spec.path and not spec.path.startswith("stage:") and spec.kind == "pretrained" and not Path(spec.path).exists():
+        raise FewstepError(f"{key}.path {spec.path} does not exist")
+    if spec.kind in ("unet2d", "mlp") and spec.init == "scratch":
+        from diffusers import UNet2DModel
+
+        check_kwargs(UNet2DModel if spec.kind == "unet2d" else MLPNet, spec.config, f"{key}.config")
+    if spec.kind == "mixture":
+        from .data.mixtures import make_mixture
+
+        mix = dict(spec.mixture)
+        make_mixture(mix.pop("name", "ring"), **mix)
+
+
+# ----------------------------------------------------------------------------- models
+@dataclass
+class Model:
+    denoiser: Denoiser | None
+    kind: str
+    pipeline: Any = None
+
+
+def _resolve(path: str, stage_outputs: dict[str, Path]) -> str:
+    if path.startswith("stage:"):
+        name = path[len("stage:"):]
+        if name not in stage_outputs:
+            raise FewstepError(f"{path}: no earlier stage named {name!r}; valid: {', '.join(stage_outputs) or '(none)'}")
+        return str(stage_outputs[name] / "final")
+    return path
+
+
+def _null_for_unet(net) -> dict[str, Tensor] | None:
+    n = getattr(net.config, "num_class_embeds", None)
+    return {"class_labels": torch.tensor([n - 1])} if n else None
+
+
+def _wrap(net, kind: str, schedule: Schedule, prediction_type: str, spec: ModelSection, null=None) -> Denoiser:
+    if kind == "mlp":
+        return MLPDenoiser(net, schedule, prediction_type, precondition=spec.precondition,
+                           **({"null_cond": null} if null else {}))
+    return UNetDenoiser(net, schedule, prediction_type, null_cond=null if null is not None else _null_for_unet(net))
+
+
+def build_model(spec: ModelSection, key: str, schedule: Schedule, *, teacher: Model | None = None,
+                stage_outputs: dict[str, Path] | None = None, seed: int = 0) -> Model:
+    stage_outputs = stage_outputs or {}
+    if spec.kind == "none":
+        return Model(None, "none")
+    if spec.kind == "mixture":
+        from .data.mixtures import make_mixture
+
+        mix = dict(spec.mixture)
+        return Model(MixtureDenoiser(make_mixture(mix.pop("name", "ring"), **mix), schedule), "mixture")
+    if spec.kind == "pipeline" and spec.init != "teacher":
+        from .pipelines import load_pipeline
+
+        lp = load_pipeline(_resolve(spec.path, stage_outputs))
+        return Model(lp.denoiser(), "pipeline", lp)
+    if spec.kind == "pretrained":
+        from .export import load_final
+
+        den, meta, lp = load_final(_resolve(spec.path, stage_outputs))
+        return Model(den, meta["kind"], lp)
+    if spec.init == "teacher":
+        if teacher is None or teacher.denoiser is None or not hasattr(teacher.denoiser, "net"):
+            raise FewstepError(f"{key}.init=teacher needs a teacher network")
+        t = teacher.denoiser
+        net = copy.deepcopy(t.net)
+        ptype = spec.prediction_type or t.prediction_type
+        if teacher.pipeline is not None:
+            cls = SD3Denoiser if teacher.pipeline.family == "sd3" else UNetDenoiser
+            return Model(cls(net, t.schedule, ptype, null_cond=t.null_cond), "pipeline", teacher.pipeline)
+        kind = "mlp" if isinstance(net, MLPNet) else "unet2d"
+        return Model(_wrap(net, kind, t.schedule, ptype, spec, t.null_cond), kind)
+    from diffusers import UNet2DModel
+
+    cls = UNet2DModel if spec.kind == "unet2d" else MLPNet
+    if spec.init == "path":
+        path = Path(_resolve(spec.path, stage_outputs))
+        sub = path / ("unet" if spec.kind == "unet2d" else "mlp")
+        net = cls.from_pretrained(sub if sub.is_dir() else path)
+    else:
+        torch.manual_seed(seed)
+        net = cls(**check_kwargs(cls, spec.config, f"{key}.config"))
+    return Model(_wrap(net, spec.kind, schedule, spec.prediction_type or "epsilon", spec), spec.kind)
+
+
+# ----------------------------------------------------------------------------- everything
+@dataclass
+class Built:
+    recipe: Recipe
+    schedule: Schedule
+    teacher: Model
+    student: Model
+    loss: Any
+    dataset: Any
+    settings: LoopSettings
+    optimizers: dict[str, PhaseOptimizer]
+    prepare: Callable[[dict], dict] | None
+    sample_fn: Callable[[Denoiser], Tensor]
+    export: Callable[[Denoiser, Path], None]
+
+
+def _schedule_from(recipe: Recipe) -> tuple[Schedule, dict[str, Any]]:
+    name, kw = _split(recipe.schedule)
+    return lookup(SCHEDULES, name, "schedule")(**check_kwargs(lookup(SCHEDULES, name, "schedule"), kw, "schedule")), recipe.schedule
+
+
+def _sample_shape(model: Model) -> tuple[int, ...]:
+    den = model.denoiser
+    if isinstance(den, MixtureDenoiser):
+        return (den.mixture.dim,)
+    net = den.net
+    if isinstance(net, MLPNet):
+        return (net.config.dim,)
+    size = net.config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    return (net.config.in_channels, size, size)
+
+
+def make_sample_fn(model: Model, *, solver: str, steps: int, guidance: float | None, num: int, spacing: str | None,
+                   prompts: list[str], seed: int) -> Callable[[Denoiser], Tensor]:
+    """Samples for grids: fixed noise, classes cycling 0..C-1 or the recipe's prompts; decoded for pipelines."""
+    shape = _sample_shape(model)
+    lp = model.pipeline
+
+    def fn(den: Denoiser) -> Tensor:
+        g = torch.Generator().manual_seed(seed)
+        device = next(iter(den.parameters()), torch.zeros(())).device
+        x = torch.randn(num, *shape, generator=g).to(device)
+        cond = None
+        null = den.null_cond or {}
+        if "class_labels" in null:
+            n_cls = int(null["class_labels"].reshape(-1)[0])
+            cond = {"class_labels": (torch.arange(num) % max(n_cls, 1)).to(device)}
+        elif lp is not None:
+            cond = lp.encode_prompts([prompts[i % len(prompts)] for i in range(num)])
+        out = sample(den, make_solver(solver), x, den.schedule.sampling_grid(steps, spacing), cond,
+                     guidance=guidance if cond is not None else None)
+        if lp is not None:
+            with torch.no_grad():
+                out = lp.decode_latents(out)
+        return out
+
+    return fn
+
+
+def make_prepare(pipeline) -> Callable[[dict], dict] | None:
+    """For pipeline models: prompts -> condition tensors, images -> latents. Cached data passes through."""
+    if pipeline is None:
+        return None
+
+    def prepare(batch: dict) -> dict:
+        if "prompt" in batch:
+            batch = {**batch, **pipeline.encode_prompts(list(batch["prompt"]))}
+        x0 = batch.get("x0")
+        if isinstance(x0, Tensor) and x0.ndim == 4 and x0.shape[1] == 3:
+            batch = {**batch, "x0": pipeline.encode_images(x0)}
+        return batch
+
+    return prepare
+
+
+def build(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None) -> Built:
+    """Build every object of a (validated) recipe."""
+    check_recipe(recipe)
+    tr = recipe.train
+    schedule, schedule_spec = _schedule_from(recipe)
+    teacher = build_model(recipe.teacher, "teacher", schedule, stage_outputs=stage_outputs, seed=tr.seed)
+    if teacher.pipeline is not None:
+        schedule = teacher.denoiser.schedule
+    student = build_model(recipe.student, "student", schedule, teacher=teacher, stage_outputs=stage_outputs, seed=tr.seed)
+    if student.denoiser is None or not hasattr(student.denoiser, "net"):
+        raise FewstepError(f"student.kind={recipe.student.kind} is not a trainable network; valid: unet2d, mlp, pipeline, pretrained")
+    if teacher.denoiser is not None and hasattr(teacher.denoiser, "net"):
+        teacher.denoiser.net.to(DTYPES[tr.teacher_dtype])
+    net = student.denoiser.net
+    net.requires_grad_(True)
+    if recipe.lora is not None:
+        from .lora import inject_lora
+
+        lo = recipe.lora
+        inject_lora(net, rank=lo.rank, alpha=lo.alpha, target_modules=lo.target_modules, dropout=lo.dropout, init=lo.init)
+    if tr.gradient_checkpointing:
+        if not getattr(net, "_supports_gradient_checkpointing", False):
+            raise FewstepError(f"train.gradient_checkpointing: {type(net).__name__} does not support it; set it to false")
+        net.enable_gradient_checkpointing()
+    name, kw = _split(recipe.loss)
+    cls = loss_class(name)
+    if hasattr(cls, "build"):
+        loss = cls.build(teacher=teacher.denoiser, student=student.denoiser, schedule=schedule,
+                         **check_kwargs(cls.build, kw, "loss", skip=("teacher", "student", "schedule")))
+    else:
+        loss = cls(**check_kwargs(cls, kw, "loss"))
+    dname, dkw = _split(recipe.data)
+    dataset = lookup(DATA, dname, "data")(**check_kwargs(DATA[dname], dkw, "data"))
+    if "x0" in loss.needs and not _is_stream(dataset) and "x0" not in dataset[0]:
+        raise FewstepError(f"loss {name} needs data with x0 (images, latents or vectors); data {dname} gives {', '.join(dataset[0])}")
+    optimizers = {}
+    for phase in loss.phases:
+        merged = {**recipe.optimizer, **(recipe.optimizers.get(phase) or {})}
+        opt_name, okw = _split(merged)
+        optimizers[phase] = PhaseOptimizer(opt_name, okw, recipe.lr_scheduler.name, recipe.lr_scheduler.warmup_steps)
+    settings = LoopSettings(
+        output_dir=Path(tr.output_dir), max_steps=tr.max_steps, batch_size=tr.batch_size, seed=tr.seed,
+        grad_accum=tr.grad_accum, mixed_precision=tr.mixed_precision, clip_grad_norm=tr.clip_grad_norm,
+        ema_decay=tr.ema_decay, export_ema=tr.export_ema, checkpoint_every=tr.checkpoint_every,
+        keep_checkpoints=tr.keep_checkpoints, log_every=tr.log_every, sample_every=tr.sample_every,
+        eval_every=tr.eval_every, max_wall_time=tr.max_wall_time, nonfinite=tr.nonfinite, progress=tr.progress,
+        num_workers=tr.num_workers, resume=tr.resume, trackers=list(tr.trackers),
+    )
+    sm = recipe.sample
+    sample_fn = make_sample_fn(student, solver=sm.solver, steps=sm.steps, guidance=sm.guidance, num=sm.num,
+                               spacing=sm.spacing, prompts=sm.prompts, seed=tr.seed)
+
+    def export(den: Denoiser, directory: Path) -> None:
+        from .export import write_final
+
+        meta = {"recipe": recipe.name, "method": name, "teacher": _describe(recipe.teacher),
+                "sampler": {"solver": sm.solver, "steps": sm.steps, "guidance": sm.guidance, "spacing": sm.spacing},
+                "sample_shape": list(_sample_shape(student))}
+        write_final(den, directory, kind=student.kind, meta=meta, recipe_yaml=recipe.to_yaml(),
+                    schedule_spec=schedule_spec, pipeline=student.pipeline)
+
+    return Built(recipe, schedule, teacher, student, loss, dataset, settings, optimizers,
+                 make_prepare(student.pipeline or teacher.pipeline), sample_fn, export)
+
+
+def _describe(spec: ModelSection) -> str | None:
+    if spec.kind == "none":
+        return None
+    if spec.kind == "mixture":
+        return f"analytic mixture ({spec.mixture.get('name', 'ring')})"
+    return f"{spec.kind}: {spec.path}" if spec.path else spec.kind
+
+
+def _is_stream(dataset) -> bool:
+    from torch.utils.data import IterableDataset
+
+    return isinstance(dataset, IterableDataset)

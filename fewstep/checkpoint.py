@@ -1,0 +1,184 @@
+"""Atomic, verifiable, resumable checkpoints.
+
+A checkpoint is a directory ``checkpoints/step-00000100/`` holding safetensors files (one per
+group: trainable weights, EMA, loss-owned modules, optimizer and scheduler tensors, RNG states)
+and ``state.json`` with the step, the non-tensor structure of every state dict, and the sha256 of
+every file. It is written under a temporary name, fsynced, then renamed, so a crash leaves either
+the whole checkpoint or none. On resume, a checkpoint whose files are missing or whose hashes
+differ is reported and skipped, and the newest intact one is used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from .errors import FewstepError
+from .io import save_safetensors_atomic
+
+PREFIX = "step-"
+
+
+# ----------------------------------------------------------------------------- flatten any state dict
+def flatten_state(obj: Any, prefix: str = "") -> tuple[Any, dict[str, Tensor]]:
+    """Split a nested structure into a JSON skeleton and its tensors (keys are dotted paths)."""
+    tensors: dict[str, Tensor] = {}
+
+    def walk(o: Any, path: str) -> Any:
+        if isinstance(o, Tensor):
+            tensors[path] = o.detach().cpu().clone()
+            return {"__tensor__": path}
+        if isinstance(o, np.ndarray):
+            tensors[path] = torch.from_numpy(o.copy())
+            return {"__ndarray__": path}
+        if isinstance(o, dict):
+            return {"__dict__": [[walk(k, f"{path}.k{i}"), walk(v, f"{path}.{i}")] for i, (k, v) in enumerate(o.items())]}
+        if isinstance(o, (list, tuple)):
+            return {"__tuple__" if isinstance(o, tuple) else "__list__": [walk(v, f"{path}.{i}") for i, v in enumerate(o)]}
+        if isinstance(o, float) and not np.isfinite(o):
+            return {"__float__": repr(o)}
+        if o is None or isinstance(o, (bool, int, float, str)):
+            return o
+        raise TypeError(f"cannot checkpoint a {type(o).__name__} at {path}")
+
+    return walk(obj, prefix or "s"), tensors
+
+
+def unflatten_state(skeleton: Any, tensors: dict[str, Tensor]) -> Any:
+    if isinstance(skeleton, dict):
+        if "__tensor__" in skeleton:
+            return tensors[skeleton["__tensor__"]]
+        if "__ndarray__" in skeleton:
+            return tensors[skeleton["__ndarray__"]].numpy()
+        if "__float__" in skeleton:
+            return float(skeleton["__float__"])
+        if "__dict__" in skeleton:
+            return {unflatten_state(k, tensors): unflatten_state(v, tensors) for k, v in skeleton["__dict__"]}
+        if "__tuple__" in skeleton:
+            return tuple(unflatten_state(v, tensors) for v in skeleton["__tuple__"])
+        if "__list__" in skeleton:
+            return [unflatten_state(v, tensors) for v in skeleton["__list__"]]
+    return skeleton
+
+
+# ----------------------------------------------------------------------------- RNG
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- files
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Finished checkpoint directories under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()),
+                  key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def save_checkpoint(root: Path, step: int, groups: dict[str, dict[str, Tensor]], state: dict[str, Any],
+                    keep: int = 2) -> Path:
+    """Write ``groups`` (name -> tensors) and JSON ``state`` as checkpoint ``step``; keep the newest ``keep``."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        hashes = {}
+        for name, tensors in groups.items():
+            path = save_safetensors_atomic(tensors, tmp / f"{name}.safetensors")
+            hashes[path.name] = _sha256(path)
+        body = json.dumps({"step": step, "files": hashes, "state": state}, indent=1, sort_keys=True).encode()
+        with open(tmp / "state.json", "wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when intact, else why not."""
+    try:
+        meta = json.loads((path / "state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "state.json is missing or unreadable"
+    for name, digest in meta.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if _sha256(f) != digest:
+            return f"{name} does not match its recorded sha256"
+    return None
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
+    """(groups, state) of an intact checkpoint; raise FewstepError if it is damaged."""
+    problem = verify_checkpoint(path)
+    if problem:
+        raise FewstepError(f"checkpoint {path} is damaged: {problem}")
+    meta = json.loads((path / "state.json").read_text())
+    groups = {Path(name).stem: load_file(str(path / name)) for name in meta["files"]}
+    return groups, meta["state"]
+
+
+def latest_intact(root: Path, report=print) -> Path | None:
+    """The newest intact checkpoint under ``root``; damaged newer ones are reported and skipped."""
+    for path in reversed(checkpoint_dirs(root)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        report(f"fewstep: skipping damaged checkpoint {path.name}: {problem}")
+    return None

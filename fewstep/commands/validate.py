@@ -1,0 +1,26 @@
+"""`fewstep validate RECIPE [key=value ...]`: check a recipe without loading models or data."""
+from __future__ import annotations
+
+import argparse
+
+from ..builders import check_recipe
+from ..config import load_recipe
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("validate", help="check a recipe (names, keys, types, paths) without running it")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..run import stage_recipes
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if not recipe.stages:
+        check_recipe(recipe)
+    for _, stage in stage_recipes(recipe):
+        check_recipe(stage)
+    print(f"{args.recipe}: ok")
+    return 0

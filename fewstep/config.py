@@ -1,0 +1,379 @@
+"""Recipes: YAML files that name the pieces, `key=value` overrides, and validation with helpful errors.
+
+Fixed sections (``train``, ``sample``, ``lora``, ``lr_scheduler``, ``teacher``, ``student``) are
+dataclasses. Sections that name a constructor (``schedule``, ``loss``, ``data``, ``optimizer``, and
+a model's ``config``) are checked against that constructor's own signature: an unknown key lists
+the valid ones, a wrong type says what was expected. Builders (fewstep.builders) then pass plain
+arguments to components; no component ever sees a recipe.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .errors import FewstepError, check_choice
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass
+class TrainSection:
+    """How the loop runs. Run-length keys (RUN_LENGTH_KEYS) may change between a run and its resume."""
+
+    output_dir: str = "runs/default"
+    max_steps: int = 1000
+    batch_size: int = 16
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto | none | a checkpoint path
+    overwrite: bool = False
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    teacher_dtype: str = "float32"  # float32 | float16 | bfloat16
+    gradient_checkpointing: bool = False
+    clip_grad_norm: float | None = 1.0
+    ema_decay: float | None = None
+    export_ema: bool = True
+    log_every: int = 10
+    sample_every: int = 0
+    eval_every: int = 0
+    max_wall_time: float = 0.0  # seconds; 0 = no limit
+    nonfinite: str = "stop"  # stop | skip
+    num_workers: int = 0
+    progress: bool = True
+    trackers: list[str] = field(default_factory=list)
+
+
+RUN_LENGTH_KEYS = {
+    "train.max_steps", "train.max_wall_time", "train.resume", "train.overwrite", "train.checkpoint_every",
+    "train.keep_checkpoints", "train.log_every", "train.sample_every", "train.eval_every", "train.progress",
+    "train.num_workers", "train.trackers",
+}
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class SampleSection:
+    """How students (and teachers, in grids) are sampled; exported into final/ metadata."""
+
+    solver: str = "ddim"
+    steps: int = 25
+    guidance: float | None = None
+    num: int = 64
+    spacing: str | None = None
+    prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a painting of a lighthouse at dusk"])
+
+
+@dataclass
+class LoraSection:
+    """peft LoRA adapters on the trainable network (Hu et al. 2021)."""
+
+    rank: int = 4
+    alpha: float | None = None  # default: rank
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    dropout: float = 0.0
+    init: str = "gaussian"  # gaussian | default (kaiming) | pissa | olora ... (peft's init_lora_weights)
+
+
+@dataclass
+class LRSchedulerSection:
+    name: str = "constant"
+    warmup_steps: int = 0
+
+
+@dataclass
+class ModelSection:
+    """A network. ``kind``: none, unet2d, mlp, mixture, pipeline, or pretrained (a fewstep final/ dir).
+
+    ``path``: a diffusers pipeline (local dir or hub id), a fewstep final/ dir, or ``stage:NAME`` for
+    an earlier stage's output. ``init`` (students): scratch, teacher (a copy of the teacher's
+    network) or path. ``config``: constructor arguments of the network (UNet2DModel, MLPNet).
+    """
+
+    kind: str = "none"
+    path: str | None = None
+    init: str = "scratch"
+    config: dict[str, Any] = field(default_factory=dict)
+    prediction_type: str | None = None
+    precondition: str = "none"
+    mixture: dict[str, Any] = field(default_factory=lambda: {"name": "ring"})
+    guidance: float | None = None
+
+
+MODEL_KINDS = ("none", "unet2d", "mlp", "mixture", "pipeline", "pretrained")
+INITS = ("scratch", "teacher", "path")
+
+SECTIONS: dict[str, type] = {
+    "train": TrainSection, "sample": SampleSection, "lora": LoraSection, "lr_scheduler": LRSchedulerSection,
+    "teacher": ModelSection, "student": ModelSection,
+}
+NAMED_SECTIONS = ("schedule", "loss", "data", "optimizer")
+TOP_KEYS = ("name", "description", "stages", "optimizers", *SECTIONS, *NAMED_SECTIONS)
+
+
+# ----------------------------------------------------------------------------- type checking
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp``; ints are accepted for floats. Raise a one-line error."""
+    if tp is Any or tp is inspect.Parameter.empty:
+        return value
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in get_args(tp):
+            try:
+                return coerce(value, arg, key)
+            except FewstepError:
+                continue
+        raise FewstepError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise FewstepError(f"{key}: expected null, got {value!r}")
+    if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise FewstepError(f"{key}: expected a list, got {value!r}")
+        args = get_args(tp)
+        inner = args[0] if args else Any
+        return [coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise FewstepError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise FewstepError(f"{key}: expected true or false, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise FewstepError(f"{key}: expected a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise FewstepError(f"{key}: expected an integer, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise FewstepError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def check_kwargs(fn: Any, kwargs: dict[str, Any], key: str, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Validate ``kwargs`` against ``fn``'s signature (a class validates its __init__)."""
+    target = fn.__init__ if inspect.isclass(fn) else fn
+    sig = inspect.signature(target)
+    try:
+        hints = get_type_hints(target)
+    except Exception:
+        hints = {}
+    params = {n: p for n, p in sig.parameters.items() if n not in ("self", *skip) and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    accepts_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    out = {}
+    for k, v in kwargs.items():
+        if k not in params:
+            if accepts_any:
+                out[k] = v
+                continue
+            raise FewstepError(f"unknown key {key}.{k}; valid: {', '.join(f'{key}.{n}' for n in params) or '(none)'}")
+        out[k] = coerce(v, hints.get(k, params[k].annotation), f"{key}.{k}")
+    missing = [n for n, p in params.items() if p.default is p.empty and n not in out]
+    if missing:
+        raise FewstepError(f"missing key {key}.{missing[0]} (required by {getattr(fn, '__name__', fn)})")
+    return out
+
+
+def build_section(cls: type, data: Any, key: str) -> Any:
+    """A dataclass section from a mapping, with unknown keys and wrong types reported."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise FewstepError(f"{key}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = get_type_hints(cls)
+    values = {}
+    for k, v in data.items():
+        if k not in fields:
+            raise FewstepError(f"unknown key {key}.{k}; valid: {', '.join(f'{key}.{n}' for n in fields)}")
+        values[k] = coerce(v, hints[k], f"{key}.{k}")
+    return cls(**values)
+
+
+# ----------------------------------------------------------------------------- recipe
+@dataclass
+class Recipe:
+    """A validated recipe: the raw (resolved) mapping and its typed sections."""
+
+    raw: dict[str, Any]
+    name: str
+    train: TrainSection
+    sample: SampleSection
+    lora: LoraSection | None
+    lr_scheduler: LRSchedulerSection
+    teacher: ModelSection
+    student: ModelSection
+    schedule: dict[str, Any]
+    loss: dict[str, Any]
+    data: dict[str, Any]
+    optimizer: dict[str, Any]
+    optimizers: dict[str, dict[str, Any]]
+    stages: list[dict[str, Any]]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.raw, sort_keys=False)
+
+
+def _named(raw: dict, key: str, default: dict | None = None) -> dict[str, Any]:
+    section = raw.get(key, default)
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise FewstepError(f"{key}: expected a mapping, got {section!r}")
+    if section and "name" not in section:
+        raise FewstepError(f"{key}: missing key {key}.name")
+    return dict(section)
+
+
+def validate(raw: dict[str, Any]) -> Recipe:
+    """Check the structure of a recipe mapping and return a Recipe; names are checked by the builders."""
+    if not isinstance(raw, dict):
+        raise FewstepError("a recipe must be a YAML mapping")
+    for k in raw:
+        if k not in TOP_KEYS:
+            raise FewstepError(f"unknown key {k}; valid: {', '.join(TOP_KEYS)}")
+    train = build_section(TrainSection, raw.get("train"), "train")
+    check_choice(train.mixed_precision, MIXED_PRECISIONS, "train.mixed_precision")
+    check_choice(train.teacher_dtype, DTYPES, "train.teacher_dtype")
+    check_choice(train.nonfinite, ("stop", "skip"), "train.nonfinite")
+    for key in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every"):
+        if getattr(train, key) < 1:
+            raise FewstepError(f"train.{key} must be at least 1, got {getattr(train, key)}")
+    for key in ("sample_every", "eval_every", "num_workers"):
+        if getattr(train, key) < 0:
+            raise FewstepError(f"train.{key} must be >= 0, got {getattr(train, key)}")
+    if train.max_wall_time < 0:
+        raise FewstepError(f"train.max_wall_time must be >= 0 seconds, got {train.max_wall_time}")
+    if train.ema_decay is not None and not 0.0 <= train.ema_decay < 1.0:
+        raise FewstepError(f"train.ema_decay must be in [0, 1), got {train.ema_decay}")
+    sample = build_section(SampleSection, raw.get("sample"), "sample")
+    if sample.steps < 1 or sample.num < 1:
+        raise FewstepError(f"sample.steps and sample.num must be at least 1, got {sample.steps} and {sample.num}")
+    teacher = build_section(ModelSection, raw.get("teacher"), "teacher")
+    student = build_section(ModelSection, raw.get("student"), "student")
+    for key, spec in (("teacher", teacher), ("student", student)):
+        check_choice(spec.kind, MODEL_KINDS, f"{key}.kind")
+        check_choice(spec.init, INITS, f"{key}.init")
+    if student.kind == "none":
+        raise FewstepError(f"student.kind must name a network; valid: {', '.join(k for k in MODEL_KINDS if k not in ('none', 'mixture'))}")
+    lora = None if raw.get("lora") is None else build_section(LoraSection, raw.get("lora"), "lora")
+    optimizers = raw.get("optimizers") or {}
+    if not isinstance(optimizers, dict):
+        raise FewstepError(f"optimizers: expected a mapping of phase -> optimizer, got {optimizers!r}")
+    stages = raw.get("stages") or []
+    if not isinstance(stages, list) or not all(isinstance(s, dict) and "name" in s for s in stages):
+        raise FewstepError("stages: expected a list of mappings, each with a name")
+    return Recipe(
+        raw=raw, name=str(raw.get("name", "recipe")), train=train, sample=sample, lora=lora,
+        lr_scheduler=build_section(LRSchedulerSection, raw.get("lr_scheduler"), "lr_scheduler"),
+        teacher=teacher, student=student, schedule=_named(raw, "schedule", {"name": "vp"}),
+        loss=_named(raw, "loss"), data=_named(raw, "data"), optimizer=_named(raw, "optimizer", {"name": "AdamW", "lr": 1e-4}),
+        optimizers=optimizers, stages=stages,
+    )
+
+
+# ----------------------------------------------------------------------------- files and overrides
+def available_recipes(directory: Path = RECIPES_DIR) -> dict[str, Path]:
+    return {p.stem: p for p in sorted(directory.glob("*.yaml"))} if directory.is_dir() else {}
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """A recipe file by path, or by name in recipes/ (with or without .yaml)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    known = available_recipes()
+    stem = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    if stem in known and (p.parent == Path(".") or p.parent == RECIPES_DIR or not p.parent.exists()):
+        return known[stem]
+    raise FewstepError(f"recipe {name_or_path} not found; valid names: {', '.join(known) or '(none)'} (or a path to a .yaml file)")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise FewstepError(f"override {text!r} must look like key=value (e.g. train.max_steps=100)")
+    key, value = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise FewstepError(f"override {text!r} has an empty key part")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return parts, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted ``key=value`` overrides (values parsed as YAML) to a copy of ``raw``."""
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise FewstepError(f"override {text!r}: {'.'.join(parts[: i + 1])} is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe."""
+    path = find_recipe(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise FewstepError(f"{path} is not valid YAML{where}") from None
+    return validate(apply_overrides(raw, overrides or []))
+
+
+def differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two recipe mappings."""
+    out = []
+    for k in sorted(set(a) | set(b), key=str):
+        key = f"{prefix}{k}"
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += differing_keys(va, vb, key + ".")
+        elif va != vb:
+            out.append(key)
+    return out
+
+
+def same_run(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Keys that make two recipes different runs (run-length settings excluded)."""
+    return [k for k in differing_keys(a, b) if k not in RUN_LENGTH_KEYS]

@@ -1,0 +1,136 @@
+"""A run's ``final/`` directory: diffusers-format components, ``fewstep.json`` and a model card.
+
+``fewstep.json`` tells ``fewstep sample`` how to rebuild the denoiser and sample it (solver, step
+count, guidance). Components load with plain diffusers ``from_pretrained``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .denoisers import Denoiser, MLPDenoiser, MLPNet, UNetDenoiser
+from .errors import FewstepError
+from .schedules import Schedule, make_schedule
+
+META = "fewstep.json"
+
+
+def diffusers_scheduler(schedule_spec: dict[str, Any], prediction_type: str):
+    """A diffusers scheduler equivalent to a fewstep schedule spec (for loading with plain diffusers)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    spec = dict(schedule_spec)
+    name = spec.pop("name", "vp")
+    if name == "flow":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=spec.get("num_train_timesteps", 1000), shift=spec.get("shift", 1.0))
+    return DDIMScheduler(
+        num_train_timesteps=spec.get("num_train_timesteps", 1000), beta_start=spec.get("beta_start", 0.00085),
+        beta_end=spec.get("beta_end", 0.012), beta_schedule=spec.get("beta_schedule", "scaled_linear"),
+        rescale_betas_zero_snr=spec.get("rescale_betas_zero_snr", False), prediction_type=prediction_type,
+        clip_sample=False, set_alpha_to_one=True, timestep_spacing=spec.get("timestep_spacing", "trailing"),
+    )
+
+
+def model_card(meta: dict[str, Any], recipe_yaml: str) -> str:
+    s = meta["sampler"]
+    guidance = "none" if s.get("guidance") is None else s["guidance"]
+    return f"""# {meta.get('recipe', 'fewstep model')}
+
+Made with fewstep {meta['fewstep_version']}.
+
+| | |
+|---|---|
+| method | {meta.get('method')} |
+| teacher | {meta.get('teacher') or 'none (trained from data)'} |
+| network | {meta['kind']} ({meta['prediction_type']} prediction) |
+| sampler | {s['solver']}, {s['steps']} steps |
+| guidance | {guidance} |
+| scheduler | {meta.get('scheduler', 'see fewstep.json')} |
+
+Sample it with `fewstep sample --model <this directory> --num 16 --seed 0 --out samples.png`.
+
+## Recipe
+
+```yaml
+{recipe_yaml.rstrip()}
+```
+"""
+
+
+def write_final(student: Denoiser, directory: Path, *, kind: str, meta: dict[str, Any], recipe_yaml: str,
+                schedule_spec: dict[str, Any] | None = None, pipeline=None) -> Path:
+    """Write ``student`` and its metadata to ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    net = student.net
+    meta = {"fewstep_version": __version__, "kind": kind, "prediction_type": student.prediction_type, **meta}
+    if kind == "pipeline":
+        if pipeline is None:
+            raise FewstepError("exporting a pipeline student needs its pipeline")
+        attr = "transformer" if pipeline.family == "sd3" else "unet"
+        original = getattr(pipeline.pipe, attr)
+        setattr(pipeline.pipe, attr, net)
+        try:
+            pipeline.pipe.save_pretrained(directory, safe_serialization=True)
+        finally:
+            setattr(pipeline.pipe, attr, original)
+        meta["scheduler"] = type(pipeline.pipe.scheduler).__name__
+    else:
+        component = "mlp" if kind == "mlp" else "unet"
+        net.save_pretrained(directory / component, safe_serialization=True)
+        meta["component"] = component
+        meta["schedule"] = schedule_spec
+        sched = diffusers_scheduler(schedule_spec or {"name": "vp"}, student.prediction_type)
+        sched.save_pretrained(directory / "scheduler")
+        meta["scheduler"] = type(sched).__name__
+        if isinstance(student, MLPDenoiser):
+            meta["precondition"] = student.precondition
+            meta["sigma_data"] = student.sigma_data
+    if student.null_cond is not None and "class_labels" in student.null_cond:
+        meta["null_class"] = int(student.null_cond["class_labels"].reshape(-1)[0])
+    (directory / META).write_text(json.dumps(meta, indent=2))
+    (directory / "README.md").write_text(model_card(meta, recipe_yaml))
+    return directory
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / META
+    if not path.is_file():
+        raise FewstepError(f"{directory} is not a fewstep model directory (no {META}); pass a run's final/ directory")
+    return json.loads(path.read_text())
+
+
+def load_final(directory: str | Path, *, device: str | torch.device = "cpu") -> tuple[Denoiser, dict[str, Any], Any]:
+    """(denoiser, metadata, pipeline or None) from a ``final/`` directory."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    kind = meta["kind"]
+    if kind == "pipeline":
+        from .pipelines import load_pipeline
+
+        lp = load_pipeline(str(directory), device=device)
+        return lp.denoiser(), meta, lp
+    schedule: Schedule = make_schedule(**_schedule_kwargs(meta["schedule"]))
+    null = {"class_labels": torch.tensor([meta["null_class"]])} if meta.get("null_class") is not None else None
+    if kind == "mlp":
+        net = MLPNet.from_pretrained(directory / "mlp")
+        den = MLPDenoiser(net, schedule, meta["prediction_type"], precondition=meta.get("precondition", "none"),
+                          sigma_data=meta.get("sigma_data", 0.5), **({"null_cond": null} if null else {}))
+    elif kind == "unet2d":
+        from diffusers import UNet2DModel
+
+        den = UNetDenoiser(UNet2DModel.from_pretrained(directory / "unet"), schedule, meta["prediction_type"], null_cond=null)
+    else:
+        raise FewstepError(f"unknown exported kind {kind!r} in {directory}; valid: mlp, pipeline, unet2d")
+    return den.to(device).eval(), meta, None
+
+
+def _schedule_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
+    spec = dict(spec)
+    return {"name": spec.pop("name", "vp"), **spec}
+
+
+__all__ = ["diffusers_scheduler", "load_final", "read_meta", "write_final"]

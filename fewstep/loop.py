@@ -1,0 +1,440 @@
+"""The one distillation loop. It runs any loss object and never asks which one.
+
+Per optimizer step: ``phase = loss.phase_for(step)``; for each micro-batch,
+``out = loss(phase, batch, student, teacher)`` and ``backward(out.loss / grad_accum)``; clip the
+phase's gradients; step the phase's optimizer and LR schedule; ``loss.on_step_end``; update the
+student's EMA. Everything else (devices, precision, checkpoints, logs, sample grids, signals,
+time limits, export) lives here once, on accelerate.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .checkpoint import (flatten_state, latest_intact, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+                         unflatten_state)
+from .data.plan import BatchPlan, BatchSource
+from .denoisers import Denoiser
+from .errors import FewstepError, lookup
+from .losses.base import DistillationLoss
+
+
+@dataclass
+class LoopSettings:
+    """Plain values the loop runs with (builders fill them from a recipe's ``train`` section)."""
+
+    output_dir: Path
+    max_steps: int
+    batch_size: int
+    seed: int = 0
+    grad_accum: int = 1
+    mixed_precision: str = "no"
+    clip_grad_norm: float | None = 1.0
+    ema_decay: float | None = None
+    export_ema: bool = True
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    sample_every: int = 0
+    eval_every: int = 0
+    max_wall_time: float = 0.0
+    nonfinite: str = "stop"
+    progress: bool = True
+    num_workers: int = 0
+    resume: str = "auto"
+    trackers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PhaseOptimizer:
+    """A phase's optimizer (torch.optim class name + keyword arguments) and LR schedule."""
+
+    name: str = "AdamW"
+    kwargs: dict[str, Any] = field(default_factory=lambda: {"lr": 1e-4})
+    scheduler: str = "constant"
+    warmup_steps: int = 0
+
+
+@dataclass
+class LoopResult:
+    step: int
+    status: str  # finished | interrupted | time_limit
+    checkpoint: Path | None
+    final_dir: Path | None
+
+
+def optimizer_classes() -> dict[str, type]:
+    return {n: c for n, c in vars(torch.optim).items() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
+            and c is not torch.optim.Optimizer}
+
+
+def scheduler_names() -> tuple[str, ...]:
+    from diffusers.optimization import SchedulerType
+
+    return tuple(s.value for s in SchedulerType)
+
+
+def trainable(module: nn.Module) -> dict[str, Tensor]:
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+class _Stop:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints and exits at the end of the step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_Stop":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Loop:
+    """Owns the accelerator, optimizers, EMA and checkpoints of one run. Use ``run()``."""
+
+    def __init__(
+        self,
+        *,
+        student: Denoiser,
+        teacher: Denoiser | None,
+        loss: DistillationLoss,
+        dataset,
+        settings: LoopSettings,
+        optimizers: dict[str, PhaseOptimizer],
+        prepare: Callable[[dict], dict] | None = None,
+        sample_fn: Callable[[Denoiser], Tensor] | None = None,
+        save_samples: Callable[[Tensor, Path], None] | None = None,
+        evaluate: Callable[[Denoiser, int], dict[str, float]] | None = None,
+        export: Callable[[Denoiser, Path], None] | None = None,
+        fingerprint: dict[str, Any] | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        from accelerate import Accelerator
+
+        s = settings
+        self.s, self.loss, self.teacher, self.log = s, loss, teacher, log
+        self.prepare, self.sample_fn, self.save_samples = prepare, sample_fn, save_samples
+        self.evaluate, self.export, self.fingerprint = evaluate, export, fingerprint or {}
+        trackers = list(s.trackers) or None
+        try:
+            self.acc = Accelerator(mixed_precision=s.mixed_precision, cpu=not torch.cuda.is_available(),
+                                   log_with=trackers, project_dir=str(s.output_dir))
+        except (ValueError, ImportError) as e:
+            raise FewstepError(f"accelerate cannot start: {str(e).splitlines()[0]}") from None
+        device = self.acc.device
+        self.student = student.to(device)
+        if teacher is not None:
+            teacher.requires_grad_(False).eval().to(device)
+        self.loss.to(device)
+        self.modules: dict[str, nn.Module] = {"student": student.net, **loss.modules_to_train()}
+        for name in self.modules:
+            self.modules[name].train()
+        self.phase_steps = {p: 0 for p in loss.phases}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, Any] = {}
+        self.phase_params: dict[str, list[Tensor]] = {}
+        totals = {p: 0 for p in loss.phases}
+        for step in range(s.max_steps):
+            totals[loss.phase_for(step)] += 1
+        for phase in loss.phases:
+            names = loss.phase_modules(phase)
+            for n in names:
+                lookup(self.modules, n, f"module of phase {phase!r}")
+            params = [p for n in names for p in trainable(self.modules[n]).values()]
+            if not params:
+                raise FewstepError(f"phase {phase!r} has no trainable parameters (modules {', '.join(names)})")
+            spec = optimizers.get(phase) or optimizers.get("default") or PhaseOptimizer()
+            cls = lookup(optimizer_classes(), spec.name, "optimizer")
+            opt = cls(params, **spec.kwargs)
+            from diffusers.optimization import get_scheduler
+
+            if spec.scheduler not in scheduler_names():
+                raise FewstepError(f"unknown lr_scheduler {spec.scheduler!r}; valid: {', '.join(scheduler_names())}")
+            self.schedulers[phase] = get_scheduler(spec.scheduler, opt, num_warmup_steps=spec.warmup_steps,
+                                                   num_training_steps=max(1, totals[phase]))
+            self.optimizers[phase] = self.acc.prepare_optimizer(opt)
+            self.phase_params[phase] = params
+        self.ema: list[Tensor] | None = None
+        self.ema_names = list(trainable(self.modules["student"]))
+        if s.ema_decay is not None:
+            self.ema = [p.detach().float().clone() for p in trainable(self.modules["student"]).values()]
+        self.plan = BatchPlan(None if _is_stream(dataset) else len(dataset), s.batch_size, s.grad_accum,
+                              self.acc.num_processes, s.seed)
+        self.dataset = dataset
+        self.step = 0
+        self.ckpt_root = Path(s.output_dir) / "checkpoints"
+        self.log_path = Path(s.output_dir) / "log.jsonl"
+
+    # ------------------------------------------------------------------ EMA
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        params = [p.detach().float() for p in trainable(self.modules["student"]).values()]
+        torch._foreach_lerp_(self.ema, params, 1.0 - self.s.ema_decay)
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Temporarily load the EMA weights into the student (no-op without EMA)."""
+        if self.ema is None:
+            yield
+            return
+        params = list(trainable(self.modules["student"]).values())
+        backup = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, e in zip(params, self.ema):
+                p.copy_(e.to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(params, backup):
+                    p.copy_(b)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state_groups(self) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
+        groups: dict[str, dict[str, Tensor]] = {}
+        student_net = self.acc.unwrap_model(self.modules["student"])
+        groups["student"] = {**trainable(student_net), **dict(student_net.named_buffers())}
+        if self.ema is not None:
+            groups["ema"] = dict(zip(self.ema_names, self.ema))
+        for name, m in self.modules.items():
+            if name != "student":
+                groups[f"module.{name}"] = self.acc.unwrap_model(m).state_dict()
+        extra = self.loss.extra_state()
+        if extra:
+            groups["loss_state"] = extra
+        skeletons = {}
+        for phase in self.loss.phases:
+            skel, tensors = flatten_state(self.optimizers[phase].state_dict(), f"optim.{phase}")
+            groups[f"optim.{phase}"] = tensors
+            skeletons[f"optim.{phase}"] = skel
+            skeletons[f"sched.{phase}"], t2 = flatten_state(self.schedulers[phase].state_dict(), f"sched.{phase}")
+            if t2:
+                groups[f"sched.{phase}"] = t2
+        skel, tensors = flatten_state(rng_state(), "rng")
+        groups["rng"], skeletons["rng"] = tensors, skel
+        state = {"step": self.step, "phase_steps": self.phase_steps, "skeletons": skeletons, "fingerprint": self.fingerprint}
+        return groups, state
+
+    def save(self) -> Path | None:
+        path = None
+        if self.acc.is_main_process:
+            groups, state = self._state_groups()
+            path = save_checkpoint(self.ckpt_root, self.step, groups, state, keep=self.s.keep_checkpoints)
+        self.acc.wait_for_everyone()
+        return path
+
+    def _find_resume(self) -> Path | None:
+        r = self.s.resume
+        if r == "none":
+            return None
+        if r == "auto":
+            return latest_intact(self.ckpt_root, report=self.log)
+        path = Path(r)
+        if not path.is_dir():
+            raise FewstepError(f"train.resume={r}: no such checkpoint directory (use auto, none, or a checkpoints/step-N path)")
+        return path
+
+    def restore(self, path: Path) -> None:
+        groups, state = load_checkpoint(path)
+        student_net = self.acc.unwrap_model(self.modules["student"])
+        expected = set(trainable(student_net)) | {n for n, _ in student_net.named_buffers()}
+        if set(groups["student"]) != expected:
+            raise FewstepError(f"checkpoint {path} does not fit this student (different trainable parameters)")
+        student_net.load_state_dict(groups["student"], strict=False)
+        if self.ema is not None:
+            if "ema" not in groups:
+                raise FewstepError(f"checkpoint {path} has no EMA weights but train.ema_decay is set")
+            self.ema = [groups["ema"][n].float().to(self.acc.device) for n in self.ema_names]
+        for name, m in self.modules.items():
+            if name != "student":
+                self.acc.unwrap_model(m).load_state_dict(groups[f"module.{name}"])
+        self.loss.load_extra_state(groups.get("loss_state", {}))
+        sk = state["skeletons"]
+        for phase in self.loss.phases:
+            self.optimizers[phase].load_state_dict(unflatten_state(sk[f"optim.{phase}"], groups[f"optim.{phase}"]))
+            self.schedulers[phase].load_state_dict(unflatten_state(sk[f"sched.{phase}"], groups.get(f"sched.{phase}", {})))
+        set_rng_state(unflatten_state(sk["rng"], groups["rng"]))
+        self.step = int(state["step"])
+        self.phase_steps = dict(state["phase_steps"])
+
+    # ------------------------------------------------------------------ one step
+    def _no_sync(self, phase: str, last: bool):
+        stack = contextlib.ExitStack()
+        if not last and self.acc.num_processes > 1:
+            for n in self.loss.phase_modules(phase):
+                stack.enter_context(self.acc.no_sync(self.modules[n]))
+        return stack
+
+    def train_step(self, source: BatchSource) -> dict[str, Any]:
+        phase = self.loss.phase_for(self.step)
+        logs: dict[str, Any] = {}
+        total = torch.zeros((), device=self.acc.device)
+        finite = True
+        for micro in range(self.s.grad_accum):
+            batch = source.get(self.step, micro)
+            batch = {k: (v.to(self.acc.device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+            if self.prepare is not None:
+                batch = self.prepare(batch)
+            with self._no_sync(phase, micro == self.s.grad_accum - 1), self.acc.autocast():
+                out = self.loss(phase, batch, self.student, self.teacher)
+            loss = out.loss / self.s.grad_accum
+            finite = finite and bool(torch.isfinite(loss))
+            self.acc.backward(loss)
+            total = total + loss.detach()
+            for k, v in out.logs.items():
+                logs[k] = logs.get(k, 0.0) + (v.detach().float() if isinstance(v, Tensor) else float(v)) / self.s.grad_accum
+        params = self.phase_params[phase]
+        if self.s.clip_grad_norm is not None:
+            norm = self.acc.clip_grad_norm_(params, self.s.clip_grad_norm)
+            logs["grad_norm"] = norm.detach() if isinstance(norm, Tensor) else float(norm)
+            finite = finite and bool(torch.isfinite(torch.as_tensor(norm)))
+        if not finite:
+            for opt in self.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            if self.s.nonfinite == "stop":
+                raise FewstepError(f"non-finite loss or gradient at step {self.step} (phase {phase}); the run stopped and "
+                                   f"the newest checkpoint is the last good one (train.nonfinite=skip skips such steps)")
+            logs["skipped_nonfinite"] = 1.0
+        else:
+            self.optimizers[phase].step()
+            self.schedulers[phase].step()
+            for opt in self.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            self.loss.on_step_end(phase, self.student)
+            if self.ema is not None and "student" in self.loss.phase_modules(phase):
+                self._update_ema()
+        self.phase_steps[phase] += 1
+        logs["loss"] = logs.get("loss", total)
+        logs["phase"] = phase
+        logs["lr"] = self.schedulers[phase].get_last_lr()[0]
+        self.step += 1
+        return logs
+
+    # ------------------------------------------------------------------ run
+    def _write_log(self, row: dict[str, Any]) -> None:
+        if self.acc.is_main_process:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.s.trackers:
+                self.acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["step"])
+
+    def _samples(self) -> None:
+        if self.sample_fn is None or self.save_samples is None or not self.acc.is_main_process:
+            return
+        with self.ema_weights():
+            self.student.eval()
+            samples = self.sample_fn(self.student)
+            self.student.train()
+        self.save_samples(samples, Path(self.s.output_dir) / "samples" / f"step-{self.step:08d}.png")
+
+    def _evaluate(self) -> None:
+        if self.evaluate is None or not self.acc.is_main_process:
+            return
+        with self.ema_weights():
+            self.student.eval()
+            metrics = self.evaluate(self.student, self.step)
+            self.student.train()
+        self._write_log({"step": self.step, "eval": True, **metrics})
+
+    def run(self) -> LoopResult:
+        s = self.s
+        Path(s.output_dir).mkdir(parents=True, exist_ok=True)
+        resume = self._find_resume()
+        if resume is not None:
+            self.restore(resume)
+            self.log(f"fewstep: resumed from {resume} at step {self.step}")
+        if s.trackers and self.acc.is_main_process:
+            self.acc.init_trackers(Path(s.output_dir).name)
+        source = BatchSource(self.dataset, self.plan, rank=self.acc.process_index, start_step=self.step,
+                             num_workers=s.num_workers)
+        start_time, last_ckpt = time.monotonic(), None
+        status = "finished"
+        bar = tqdm(total=s.max_steps, initial=self.step, desc="distill", disable=not (s.progress and self.acc.is_main_process),
+                   dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
+        acc_logs: dict[str, float] = {}
+        count, window_start = 0, time.monotonic()
+        with _Stop() as stop:
+            while self.step < s.max_steps:
+                logs = self.train_step(source)
+                count += 1
+                for k, v in logs.items():
+                    if k != "phase":
+                        acc_logs[k] = acc_logs.get(k, 0.0) + v
+                bar.update(1)
+                if self.step % s.log_every == 0 or self.step == s.max_steps:
+                    now = time.monotonic()
+                    row = {"step": self.step, "phase": logs["phase"], "it_s": count / max(now - window_start, 1e-9),
+                           **{k: float(v) / count for k, v in acc_logs.items()}}
+                    bar.set_postfix(loss=f"{row['loss']:.4g}", refresh=False)
+                    self._write_log(row)
+                    acc_logs, count, window_start = {}, 0, now
+                if s.sample_every and self.step % s.sample_every == 0:
+                    self._samples()
+                if s.eval_every and self.step % s.eval_every == 0:
+                    self._evaluate()
+                if self.step % s.checkpoint_every == 0 and self.step < s.max_steps:
+                    last_ckpt = self.save()
+                if stop.signal is not None:
+                    status = "interrupted"
+                    break
+                if s.max_wall_time and time.monotonic() - start_time >= s.max_wall_time:
+                    status = "time_limit"
+                    break
+        bar.close()
+        if last_ckpt is None or int(last_ckpt.name.split("-")[1]) != self.step:
+            last_ckpt = self.save()
+        final = None
+        if status == "finished":
+            if s.sample_every:
+                self._samples()
+            final = self._export()
+        if s.trackers:
+            self.acc.end_training()
+        return LoopResult(self.step, status, last_ckpt, final)
+
+    def _export(self) -> Path | None:
+        if self.export is None:
+            return None
+        final = Path(self.s.output_dir) / "final"
+        if self.acc.is_main_process:
+            import shutil
+
+            tmp = final.with_name(".final.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            with (self.ema_weights() if self.s.export_ema else contextlib.nullcontext()):
+                self.export(self.student, tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        self.acc.wait_for_everyone()
+        return final
+
+
+def _is_stream(dataset) -> bool:
+    from torch.utils.data import IterableDataset
+
+    return isinstance(dataset, IterableDataset)
+

@@ -1,0 +1,48 @@
+"""LoRA (Hu et al. 2021) on any trainable network through peft; the base weights stay frozen."""
+from __future__ import annotations
+
+from torch import nn
+
+from .errors import FewstepError
+
+LORA_LAYERS = (nn.Linear, nn.Conv2d, nn.Conv1d, nn.Embedding)
+
+
+def lora_candidates(net: nn.Module) -> list[str]:
+    """Leaf-name suffixes of the layers LoRA can wrap (e.g. to_q, to_out.0, proj_in)."""
+    names = set()
+    for name, module in net.named_modules():
+        if isinstance(module, LORA_LAYERS) and name:
+            parts = name.split(".")
+            names.add(".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1])
+    return sorted(names)
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def inject_lora(net: nn.Module, *, rank: int, alpha: float | None, target_modules: list[str], dropout: float = 0.0,
+                init: str = "gaussian", adapter_name: str = "default") -> nn.Module:
+    """Add LoRA adapters to ``net`` in place; only adapter weights stay trainable."""
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise FewstepError(f"lora.rank must be at least 1, got {rank}")
+    names = [n for n, m in net.named_modules() if isinstance(m, LORA_LAYERS)]
+    for target in target_modules:
+        if not any(_matches(n, target) for n in names):
+            raise FewstepError(f"LoRA target module {target!r} matches no layer of {type(net).__name__}; "
+                               f"valid: {', '.join(lora_candidates(net))}")
+    init_value: bool | str = True if init == "default" else init
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=list(target_modules),
+                        lora_dropout=dropout, init_lora_weights=init_value)
+    if hasattr(net, "add_adapter") and hasattr(net, "set_adapter"):
+        net.add_adapter(config, adapter_name=adapter_name)
+    else:
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(config, net, adapter_name=adapter_name)
+    for n, p in net.named_parameters():
+        p.requires_grad_("lora_" in n)
+    return net

@@ -1,0 +1,14 @@
+"""Loss objects, one method per file, all plugged into the one loop (fewstep.loop)."""
+from ..errors import lookup
+from .base import DistillationLoss, LossOutput
+from .diffusion import DiffusionLoss
+
+LOSSES: dict[str, type[DistillationLoss]] = {"diffusion": DiffusionLoss}
+
+
+def loss_class(name: str) -> type[DistillationLoss]:
+    """The loss class registered under ``name`` (an unknown name lists the valid ones)."""
+    return lookup(LOSSES, name, "loss")
+
+
+__all__ = ["DiffusionLoss", "DistillationLoss", "LOSSES", "LossOutput", "loss_class"]

@@ -1,0 +1,61 @@
+"""The loss protocol: what the one shared loop asks of every method.
+
+A loss owns its auxiliary networks (fake score, discriminator), says which phase runs at a step
+and which modules each phase trains, and returns a scalar loss for a phase. The loop owns
+everything else and never asks which loss it runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..denoisers import Denoiser
+
+
+@dataclass
+class LossOutput:
+    """A scalar loss to backpropagate, and floats (or 0-d tensors) to log."""
+
+    loss: Tensor
+    logs: dict[str, Any] = field(default_factory=dict)
+
+
+class DistillationLoss(nn.Module):
+    """Base class with the defaults of a one-phase loss that trains the student only.
+
+    ``batch`` is a dict from the data pipeline with ``seeds`` (per-sample seeds; draw every random
+    number through ``fewstep.rng.SampleRNG(batch["seeds"])``), plus ``x0`` and condition tensors
+    as the data provides them.
+    """
+
+    phases: tuple[str, ...] = ("student",)
+    #: the data a loss needs: "x0" (images/latents/vectors) and/or "cond" (prompts, labels)
+    needs: tuple[str, ...] = ("x0",)
+
+    def modules_to_train(self) -> dict[str, nn.Module]:
+        """Trainable networks the loss owns (not the student), by name; checkpointed by the loop."""
+        return {}
+
+    def phase_modules(self, phase: str) -> tuple[str, ...]:
+        """Names of the modules a phase trains: "student" and/or keys of ``modules_to_train``."""
+        return ("student",)
+
+    def phase_for(self, step: int) -> str:
+        """The phase to run at optimizer step ``step`` (0-based)."""
+        return self.phases[0]
+
+    def forward(self, phase: str, batch: dict, student: Denoiser, teacher: Denoiser | None) -> LossOutput:
+        raise NotImplementedError
+
+    def on_step_end(self, phase: str, student: Denoiser) -> None:
+        """Called after each optimizer step of ``phase`` (e.g. to update an EMA target)."""
+
+    def extra_state(self) -> dict[str, Tensor]:
+        """Non-parameter state to checkpoint (running statistics), as tensors."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Tensor]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no extra state, got {sorted(state)}")

@@ -1,0 +1,276 @@
+"""The shared loop: exact resume, accumulation, EMA, run directories, stages, LoRA, guards."""
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fewstep.checkpoint import checkpoint_dirs, latest_intact
+from fewstep.cli import main
+from fewstep.config import available_recipes, load_recipe, validate
+from fewstep.data.plan import BatchSource
+from fewstep.errors import FewstepError
+from fewstep.losses import LOSSES
+from fewstep.run import build_loop, run_recipe
+
+DIGITS_UNET = {
+    "sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16], "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    "norm_num_groups": 4, "num_class_embeds": 11,
+}
+
+
+def digits_recipe(out: Path, **train) -> dict:
+    return {
+        "name": "tiny_digits", "schedule": {"name": "vp"},
+        "student": {"kind": "unet2d", "config": dict(DIGITS_UNET), "prediction_type": "epsilon"},
+        "loss": {"name": "diffusion", "cond_drop_prob": 0.2},
+        "data": {"name": "digits"},
+        "optimizer": {"name": "AdamW", "lr": 0.003},
+        "lr_scheduler": {"name": "cosine", "warmup_steps": 2},
+        "sample": {"steps": 2, "num": 4, "guidance": 2.0},
+        "train": {"output_dir": str(out), "max_steps": 12, "batch_size": 8, "checkpoint_every": 5, "ema_decay": 0.9,
+                  "progress": False, "log_every": 4, **train},
+    }
+
+
+def mlp_recipe(out: Path, **train) -> dict:
+    return {
+        "name": "tiny_gmm", "schedule": {"name": "vp"},
+        "student": {"kind": "mlp", "config": {"dim": 2, "hidden": 32, "depth": 2}, "precondition": "edm"},
+        "loss": {"name": "diffusion"}, "data": {"name": "mixture", "size": 1000},
+        "optimizer": {"name": "AdamW", "lr": 0.001}, "sample": {"steps": 4, "num": 16},
+        "train": {"output_dir": str(out), "max_steps": 6, "batch_size": 16, "checkpoint_every": 3, "progress": False, **train},
+    }
+
+
+def final_weights(out: Path) -> dict:
+    ckpt = checkpoint_dirs(out / "checkpoints")[-1]
+    return {**load_file(str(ckpt / "student.safetensors")), **{f"ema.{k}": v for k, v in load_file(str(ckpt / "ema.safetensors")).items()},
+            **{f"opt.{k}": v for k, v in load_file(str(ckpt / "optim.student.safetensors")).items()}}
+
+
+def test_resume_after_sigterm_is_bit_identical(tmp_path):
+    ref = validate(digits_recipe(tmp_path / "ref"))
+    assert run_recipe(ref, log=lambda m: None).status == "finished"
+
+    killed = validate(digits_recipe(tmp_path / "killed", eval_every=7))
+    from fewstep.run import prepare_run_dir
+
+    prepare_run_dir(killed)
+
+    def kill(student, step):  # SIGTERM arrives during step 7: the loop checkpoints and stops
+        os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+    result = build_loop(killed, evaluate=kill, log=lambda m: None).run()
+    assert result.status == "interrupted" and result.step == 7
+    resumed = validate(digits_recipe(tmp_path / "killed"))
+    assert run_recipe(resumed, log=lambda m: None).status == "finished"
+    a, b = final_weights(tmp_path / "ref"), final_weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+    fa = load_file(str(tmp_path / "ref/final/unet/diffusion_pytorch_model.safetensors"))
+    fb = load_file(str(tmp_path / "killed/final/unet/diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+
+
+@pytest.mark.parametrize("optimizer", [{"name": "SGD", "lr": 0.5}, {"name": "AdamW", "lr": 0.001}])
+def test_accumulation_equals_large_batch(tmp_path, optimizer):
+    def one_step(out, batch_size, grad_accum):
+        raw = digits_recipe(out, max_steps=1, batch_size=batch_size, grad_accum=grad_accum)
+        raw["optimizer"] = optimizer
+        run_recipe(validate(raw), log=lambda m: None)
+        return load_file(str(checkpoint_dirs(out / "checkpoints")[-1] / "student.safetensors"))
+
+    big = one_step(tmp_path / "b16", 16, 1)
+    acc = one_step(tmp_path / "b8x2", 8, 2)
+    worst = max((big[k] - acc[k]).abs().max().item() for k in big)
+    assert worst <= 1e-5, worst
+
+
+def test_ema_equals_hand_computation(tmp_path):
+    recipe = validate(digits_recipe(tmp_path / "ema", ema_decay=0.8))
+    loop = build_loop(recipe, log=lambda m: None)
+    params = lambda: [p.detach().clone() for p in loop.student.net.parameters() if p.requires_grad]  # noqa: E731
+    expected = params()
+    source = BatchSource(loop.dataset, loop.plan)
+    for _ in range(4):
+        loop.train_step(source)
+        expected = [0.8 * e + 0.2 * p for e, p in zip(expected, params())]
+    worst = max((e - m).abs().max().item() for e, m in zip(expected, loop.ema))
+    assert worst < 1e-6, worst
+
+
+def test_loss_falls_and_samples_and_export(tmp_path, capsys):
+    out = tmp_path / "gmm"
+    run_recipe(validate(mlp_recipe(out, max_steps=60, log_every=10, sample_every=60)), log=lambda m: None)
+    import json
+
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert (out / "samples" / "step-00000060.png").exists()
+    meta = json.loads((out / "final" / "fewstep.json").read_text())
+    assert meta["kind"] == "mlp" and meta["sampler"]["steps"] == 4
+    assert "# tiny_gmm" in (out / "final" / "README.md").read_text()
+    target = tmp_path / "s.safetensors"
+    assert main(["sample", "--model", str(out / "final"), "--num", "5", "--out", str(target)]) == 0
+    assert load_file(str(target))["samples"].shape == (5, 2)
+    assert main(["sample", "--model", str(out / "final"), "--num", "5", "--out", str(target)]) == 2  # no overwrite
+
+
+def test_sample_class_conditional_unet(tmp_path):
+    out = tmp_path / "dig"
+    run_recipe(validate(digits_recipe(out, max_steps=2)), log=lambda m: None)
+    st = tmp_path / "d.safetensors"
+    assert main(["sample", "--model", str(out / "final"), "--num", "3", "--class", "7", "--steps", "2", "--out", str(st)]) == 0
+    x = load_file(str(st))["samples"]
+    assert x.shape == (3, 1, 8, 8) and x.min() >= -1 and x.max() <= 1
+    assert main(["sample", "--model", str(out / "final"), "--num", "3", "--out", str(tmp_path / "g.png")]) == 0
+    assert main(["sample", "--model", str(out / "final"), "--class", "12", "--out", str(tmp_path / "h.png")]) == 2
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    UNet2DModel.from_pretrained(out / "final" / "unet")  # plain diffusers loads the components
+    DDIMScheduler.from_pretrained(out / "final" / "scheduler")
+
+
+def test_run_directory_rules(tmp_path, capsys):
+    out = tmp_path / "run"
+    run_recipe(validate(mlp_recipe(out)), log=lambda m: None)
+    changed = mlp_recipe(out)
+    changed["optimizer"]["lr"] = 0.01
+    with pytest.raises(FewstepError, match=r"different recipe \(differs in optimizer.lr\)"):
+        run_recipe(validate(changed), log=lambda m: None)
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    longer = validate(mlp_recipe(out, max_steps=9))  # run-length keys may change: it resumes
+    assert run_recipe(longer, log=lambda m: None).step == 9
+    changed["train"]["overwrite"] = True
+    assert run_recipe(validate(changed), log=lambda m: None).step == 6
+    assert before  # there were checkpoints before the overwrite
+    stranger = tmp_path / "other"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(FewstepError, match="not empty and holds no fewstep run"):
+        run_recipe(validate(mlp_recipe(stranger)), log=lambda m: None)
+    assert (stranger / "notes.txt").read_text() == "mine"
+
+
+def test_damaged_checkpoint_is_skipped(tmp_path):
+    out = tmp_path / "run"
+    run_recipe(validate(mlp_recipe(out, keep_checkpoints=3)), log=lambda m: None)
+    ckpts = checkpoint_dirs(out / "checkpoints")
+    assert [c.name for c in ckpts] == ["step-00000003", "step-00000006"]
+    blob = (ckpts[-1] / "student.safetensors").read_bytes()
+    (ckpts[-1] / "student.safetensors").write_bytes(blob[:-10])
+    messages = []
+    assert latest_intact(out / "checkpoints", report=messages.append) == ckpts[0]
+    assert "skipping damaged checkpoint step-00000006" in messages[0]
+
+
+def test_stages_chain_and_resume(tmp_path):
+    raw = mlp_recipe(tmp_path / "chain")
+    raw["stages"] = [
+        {"name": "teacher", "train": {"max_steps": 3}},
+        {"name": "student", "student": {"init": "path", "path": "stage:teacher"}, "train": {"max_steps": 2}},
+    ]
+    logs = []
+    assert run_recipe(validate(raw), log=logs.append).status == "finished"
+    assert (tmp_path / "chain/student/final/fewstep.json").exists()
+    logs.clear()
+    run_recipe(validate(raw), log=logs.append)
+    assert "stage teacher already finished" in " ".join(logs)
+    bad = dict(mlp_recipe(tmp_path / "bad"), stages=[{"name": "x", "student": {"init": "path", "path": "stage:nope"}}])
+    with pytest.raises(FewstepError, match="no earlier stage named 'nope'"):
+        run_recipe(validate(bad), log=lambda m: None)
+
+
+def test_lora_trains_only_adapters(tmp_path):
+    raw = digits_recipe(tmp_path / "lora", max_steps=3, ema_decay=None)
+    raw["lora"] = {"rank": 2, "target_modules": ["to_q", "to_v"]}
+    loop = build_loop(validate(raw), log=lambda m: None)
+    before = {n: p.detach().clone() for n, p in loop.student.net.named_parameters()}
+    trainable = [n for n, p in loop.student.net.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    loop.run()
+    after = dict(loop.student.net.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before if "lora_" not in n)
+    assert any(not torch.equal(before[n], after[n]) for n in trainable)
+    raw["lora"]["target_modules"] = ["to_qq"]
+    with pytest.raises(FewstepError, match=r"'to_qq' matches no layer of UNet2DModel; valid: .*to_q"):
+        build_loop(validate(raw), log=lambda m: None)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from fewstep.losses.diffusion import DiffusionLoss
+
+    out = tmp_path / "nan"
+    original = DiffusionLoss.forward
+
+    def poisoned(self, phase, batch, student, teacher):
+        result = original(self, phase, batch, student, teacher)
+        if int(batch["seeds"][0]) % 1 == 0 and self._calls_seen >= 4:
+            result.loss = result.loss * float("nan")
+        self._calls_seen += 1
+        return result
+
+    monkeypatch.setattr(DiffusionLoss, "_calls_seen", 0, raising=False)
+    monkeypatch.setattr(DiffusionLoss, "forward", poisoned)
+    with pytest.raises(FewstepError, match="non-finite loss or gradient at step 4"):
+        run_recipe(validate(mlp_recipe(out, max_steps=6)), log=lambda m: None)
+    assert [c.name for c in checkpoint_dirs(out / "checkpoints")] == ["step-00000003"]
+    monkeypatch.setattr(DiffusionLoss, "_calls_seen", 0, raising=False)
+    result = run_recipe(validate(mlp_recipe(out, max_steps=6, nonfinite="skip", overwrite=True)), log=lambda m: None)
+    assert result.status == "finished"
+
+
+def test_config_errors_are_one_line_exit_2(capsys, tmp_path):
+    cases = [
+        (["validate", "gmm_teacher", "train.max_stepz=3"], "unknown key train.max_stepz; valid: train.output_dir"),
+        (["validate", "gmm_teacher", "train.max_steps=ten"], "train.max_steps: expected an integer, got 'ten'"),
+        (["validate", "gmm_teacher", "train.max_steps=-1"], "train.max_steps must be at least 1"),
+        (["validate", "gmm_teacher", "loss.name=reflowz"], "unknown loss 'reflowz'; valid: diffusion"),
+        (["validate", "gmm_teacher", "loss.cond_drop=0.1"], "unknown key loss.cond_drop; valid: loss.cond_drop_prob"),
+        (["validate", "gmm_teacher", "optimizer.name=Adamw"], "unknown optimizer 'Adamw'; valid:"),
+        (["validate", "gmm_teacher", "sample.solver=rk4"], "unknown sample.solver 'rk4'"),
+        (["validate", "gmm_teacher", "student.config.hiden=3"], "unknown key student.config.hiden; valid: student.config.dim"),
+        (["validate", "gmm_teacher", "data.name=coco"], "unknown data 'coco'; valid: cache, digits"),
+        (["validate", "gmm_teacher", "bogus=1"], "unknown key bogus; valid: name"),
+        (["validate", "gmm_teacher", "train.mixed_precision=fp8"], "valid: no, fp16, bf16"),
+        (["validate", "gmm_teacher", "lr_scheduler.name=sometimes"], "unknown lr_scheduler.name 'sometimes'"),
+        (["validate", "no_such_recipe"], "recipe no_such_recipe not found; valid names:"),
+        (["validate", "gmm_teacher", "train.max_steps"], "must look like key=value"),
+        (["distill", "gmm_teacher", "train.batch_size=1.5"], "train.batch_size: expected an integer, got 1.5"),
+        (["validate", "gmm_teacher", "student.kind=pipeline"], "student.kind=pipeline needs student.path"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], (argv, err)
+
+
+def test_every_shipped_recipe_validates(capsys):
+    recipes = available_recipes()
+    assert {"digits_teacher", "gmm_teacher"} <= set(recipes)
+    for name in recipes:
+        assert main(["validate", name]) == 0, (name, capsys.readouterr().err)
+
+
+def test_dry_run_reports_parameters_and_memory(capsys, tmp_path):
+    assert main(["distill", "digits_teacher", "--dry-run", f"train.output_dir={tmp_path / 'x'}"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"student: [\d,]+ trainable, 0 frozen parameters", out)
+    assert "memory estimate" in out and not (tmp_path / "x").exists()
+
+
+def test_loop_never_asks_which_loss_it_runs():
+    from fewstep import loop
+
+    source = Path(loop.__file__).read_text()
+    names = set(LOSSES) | {cls.__name__ for cls in LOSSES.values()}
+    for name in names:
+        assert not re.search(rf"\b{re.escape(name)}\b", source), name
+    assert "isinstance(self.loss" not in source and "type(self.loss)" not in source and "type(loss)" not in source
+    assert load_recipe("gmm_teacher").loss["name"] in LOSSES
