@@ -134,12 +134,16 @@ class Loop:
         log: Callable[[str], None] = print,
     ) -> None:
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
 
         s = settings
         self.s, self.loss, self.teacher, self.log = s, loss, teacher, log
         self.prepare, self.sample_fn, self.save_samples = prepare, sample_fn, save_samples
         self.evaluate, self.export, self.fingerprint = evaluate, export, fingerprint or {}
         trackers = list(s.trackers) or None
+        # accelerate keeps one state per process; a new run (a test, the next stage) may ask for another
+        # precision. The process group (PartialState) stays.
+        AcceleratorState._reset_state(reset_partial_state=False)
         try:
             self.acc = Accelerator(mixed_precision=s.mixed_precision, cpu=not torch.cuda.is_available(),
                                    log_with=trackers, project_dir=str(s.output_dir))
@@ -179,9 +183,11 @@ class Loop:
             self.optimizers[phase] = self.acc.prepare_optimizer(opt)
             self.phase_params[phase] = params
         self.ema: list[Tensor] | None = None
-        self.ema_names = list(trainable(self.modules["student"]))
+        student_trainable = trainable(self.modules["student"])
+        self.ema_names = list(student_trainable)
+        self.student_params = list(student_trainable.values())  # cached: walking modules each step is slow
         if s.ema_decay is not None:
-            self.ema = [p.detach().float().clone() for p in trainable(self.modules["student"]).values()]
+            self.ema = [p.detach().float().clone() for p in self.student_params]
         self.plan = BatchPlan(None if _is_stream(dataset) else len(dataset), s.batch_size, s.grad_accum,
                               self.acc.num_processes, s.seed)
         self.dataset = dataset
@@ -192,8 +198,7 @@ class Loop:
     # ------------------------------------------------------------------ EMA
     @torch.no_grad()
     def _update_ema(self) -> None:
-        params = [p.detach().float() for p in trainable(self.modules["student"]).values()]
-        torch._foreach_lerp_(self.ema, params, 1.0 - self.s.ema_decay)
+        torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.student_params], 1.0 - self.s.ema_decay)
 
     @contextlib.contextmanager
     def ema_weights(self):
@@ -201,7 +206,7 @@ class Loop:
         if self.ema is None:
             yield
             return
-        params = list(trainable(self.modules["student"]).values())
+        params = self.student_params
         backup = [p.detach().clone() for p in params]
         with torch.no_grad():
             for p, e in zip(params, self.ema):

@@ -274,3 +274,31 @@ def test_loop_never_asks_which_loss_it_runs():
         assert not re.search(rf"\b{re.escape(name)}\b", source), name
     assert "isinstance(self.loss" not in source and "type(self.loss)" not in source and "type(loss)" not in source
     assert load_recipe("gmm_teacher").loss["name"] in LOSSES
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path):
+    def one_step(out, gc):
+        run_recipe(validate(digits_recipe(out, max_steps=1, gradient_checkpointing=gc)), log=lambda m: None)
+        return load_file(str(checkpoint_dirs(out / "checkpoints")[-1] / "student.safetensors"))
+
+    a, b = one_step(tmp_path / "plain", False), one_step(tmp_path / "gc", True)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    with pytest.raises(FewstepError, match="MLPNet does not support it"):
+        run_recipe(validate(mlp_recipe(tmp_path / "mlp", gradient_checkpointing=True)), log=lambda m: None)
+
+
+def test_bf16_mixed_precision_runs_and_keeps_float32_master_weights(tmp_path):
+    out = tmp_path / "bf16"
+    result = run_recipe(validate(digits_recipe(out, max_steps=3, mixed_precision="bf16")), log=lambda m: None)
+    assert result.status == "finished"
+    weights = load_file(str(checkpoint_dirs(out / "checkpoints")[-1] / "student.safetensors"))
+    assert all(v.dtype == torch.float32 for v in weights.values())
+
+
+def test_shipped_recipes_spell_out_the_required_train_keys():
+    import yaml
+
+    required = {"output_dir", "max_steps", "batch_size", "seed", "checkpoint_every", "resume"}
+    for name, path in available_recipes().items():
+        raw = yaml.safe_load(path.read_text())
+        assert required <= set(raw.get("train", {})), (name, required - set(raw.get("train", {})))

@@ -84,6 +84,11 @@ class Denoiser(nn.Module):
         self.null_cond = dict(null_cond) if null_cond is not None else None
         self.guidance_embedding_dim = guidance_embedding_dim
 
+    @property
+    def net_dtype(self) -> torch.dtype:
+        """The network's parameter dtype (its first parameter's; cheaper than diffusers' ``.dtype``)."""
+        return next(self.net.parameters()).dtype
+
     # ------------------------------------------------------------------ to implement
     def network_output(self, x_t: Tensor, t: Tensor, cond: Cond | None, timestep_cond: Tensor | None) -> Tensor:
         """The network's raw output for a batch (any dtype); ``t`` is fewstep time, shape (B,)."""

@@ -20,7 +20,7 @@ class SD3Denoiser(Denoiser):
         self.net = transformer
 
     def network_output(self, x_t: Tensor, t: Tensor, cond: Cond | None, timestep_cond: Tensor | None) -> Tensor:
-        dtype = self.net.dtype
+        dtype = self.net_dtype
         cond = {k: v.to(dtype) for k, v in (cond or {}).items()}
         return self.net(
             hidden_states=x_t.to(dtype),

@@ -28,7 +28,7 @@ class UNetDenoiser(Denoiser):
         )
 
     def network_output(self, x_t: Tensor, t: Tensor, cond: Cond | None, timestep_cond: Tensor | None) -> Tensor:
-        dtype = self.net.dtype
+        dtype = self.net_dtype
         cond = {k: _to(v, dtype) for k, v in (cond or {}).items()}
         if not self.conditional:
             return self.net(x_t.to(dtype), t.float(), class_labels=cond.get("class_labels"), return_dict=False)[0]
