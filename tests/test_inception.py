@@ -1,0 +1,75 @@
+"""The FID Inception without torchvision: layout, strict loading, preprocessing, missing weights."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fewstep.errors import FewstepError
+from fewstep.eval.inception import WEIGHTS_FILE, FIDInceptionV3, load_fid_inception
+from fewstep.eval.preprocess import preprocess, to_uint8
+
+
+def test_layout_matches_the_standard_network():
+    net = FIDInceptionV3()
+    sd = net.state_dict()
+    # torchvision's Inception-v3 without aux logits has 23,834,568 parameters; FID's 1008 classes add 8 x 2049.
+    assert sum(p.numel() for p in net.parameters()) == 23_834_568 + 8 * 2049
+    assert len(sd) == 94 * 6 + 2  # 94 conv+BN blocks (weight, bn weight/bias/mean/var/num_batches_tracked) + fc
+    expected = {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "Conv2d_4a_3x3.bn.running_var": (192,),
+                "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1), "Mixed_6a.branch3x3.conv.weight": (384, 288, 3, 3),
+                "Mixed_6e.branch7x7dbl_5.conv.weight": (192, 192, 1, 7), "Mixed_7a.branch7x7x3_4.conv.weight": (192, 192, 3, 3),
+                "Mixed_7c.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1), "fc.weight": (1008, 2048), "fc.bias": (1008,)}
+    for key, shape in expected.items():
+        assert tuple(sd[key].shape) == shape, key
+    with torch.no_grad():
+        assert net.eval()(torch.zeros(1, 3, 299, 299)).shape == (1, 2048)
+
+
+def test_random_state_dict_with_standard_keys_loads_strictly(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    sd = {k: (torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()) for k, v in FIDInceptionV3().state_dict().items()}
+    path = tmp_path / WEIGHTS_FILE.replace(".pth", "-random.pth")
+    torch.save(sd, path)
+    net = load_fid_inception(path)
+    assert all(torch.equal(net.state_dict()[k], sd[k]) for k in sd)
+    torch.save({**sd, "AuxLogits.fc.weight": torch.zeros(1)}, path)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        load_fid_inception(path)
+
+
+def test_missing_weights_say_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEWSTEP_WEIGHTS_DIR", str(tmp_path))
+    with pytest.raises(FewstepError) as e:
+        load_fid_inception()
+    msg = str(e.value)
+    assert WEIGHTS_FILE in msg and "https://" in msg and "6726825d" in msg and "FEWSTEP_WEIGHTS_DIR" in msg
+
+
+def test_clean_preprocessing_equals_direct_pil():
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(2, 3, 32, 40, generator=g) * 2 - 1
+    ours = preprocess(images, "clean").numpy()
+    for n in range(2):
+        u8 = ((images[n].permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        for c in range(3):
+            ref = np.asarray(Image.fromarray(u8[:, :, c].astype(np.float32), mode="F").resize((299, 299), Image.BICUBIC))
+            assert np.array_equal(ours[n, c], ref.clip(0, 255))
+
+
+def test_tf_legacy_equals_a_brute_force_loop():
+    images = torch.rand(1, 1, 7, 5, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    ours = preprocess(images, "tf-legacy", size=11).numpy()[0, 0]
+    src = to_uint8(images)[0, :, :, 0].astype(np.float64)
+    ref = np.zeros((11, 11))
+    for i in range(11):
+        for j in range(11):
+            y, x = i * 7 / 11, j * 5 / 11
+            y0, x0 = int(np.floor(y)), int(np.floor(x))
+            y1, x1 = min(y0 + 1, 6), min(x0 + 1, 4)
+            dy, dx = y - y0, x - x0
+            top = src[y0, x0] * (1 - dx) + src[y0, x1] * dx
+            bottom = src[y1, x0] * (1 - dx) + src[y1, x1] * dx
+            ref[i, j] = top * (1 - dy) + bottom * dy
+    np.testing.assert_allclose(ours, ref, atol=1e-3)
+    with pytest.raises(FewstepError, match="valid: clean, tf-legacy"):
+        preprocess(images, "bilinear")
