@@ -125,10 +125,8 @@ def _check_model(spec: ModelSection, key: str) -> None:
         raise FewstepError(f"{key}.init=path needs {key}.path")
     if spec.path and not spec.path.startswith("stage:") and spec.kind == "pretrained" and not Path(spec.path).exists():
         raise FewstepError(f"{key}.path {spec.path} does not exist")
-    if spec.kind in ("unet2d", "mlp") and spec.init == "scratch":
-        from diffusers import UNet2DModel
-
-        check_kwargs(UNet2DModel if spec.kind == "unet2d" else MLPNet, spec.config, f"{key}.config")
+    if spec.kind in ("unet2d", "mlp", "classifier") and spec.init == "scratch":
+        check_kwargs(_network_class(spec.kind), spec.config, f"{key}.config")
     if spec.kind == "mixture":
         from .data.mixtures import make_mixture
 
@@ -142,6 +140,24 @@ class Model:
     denoiser: Denoiser | None
     kind: str
     pipeline: Any = None
+
+
+class Network(torch.nn.Module):
+    """A trained network that is not a denoiser (the digits feature network): the loop only needs ``net``."""
+
+    null_cond = None
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+
+def _network_class(kind: str):
+    from diffusers import UNet2DModel
+
+    from .eval.digits_net import DigitsFeatureNet
+
+    return {"unet2d": UNet2DModel, "mlp": MLPNet, "classifier": DigitsFeatureNet}[kind]
 
 
 def _resolve(path: str, stage_outputs: dict[str, Path]) -> str:
@@ -196,16 +212,16 @@ def build_model(spec: ModelSection, key: str, schedule: Schedule, *, teacher: Mo
             return Model(cls(net, t.schedule, ptype, null_cond=t.null_cond), "pipeline", teacher.pipeline)
         kind = "mlp" if isinstance(net, MLPNet) else "unet2d"
         return Model(_wrap(net, kind, t.schedule, ptype, spec, t.null_cond), kind)
-    from diffusers import UNet2DModel
-
-    cls = UNet2DModel if spec.kind == "unet2d" else MLPNet
+    cls = _network_class(spec.kind)
     if spec.init == "path":
         path = Path(_resolve(spec.path, stage_outputs))
-        sub = path / ("unet" if spec.kind == "unet2d" else "mlp")
+        sub = path / {"unet2d": "unet", "mlp": "mlp", "classifier": "classifier"}[spec.kind]
         net = cls.from_pretrained(sub if sub.is_dir() else path)
     else:
         torch.manual_seed(seed)
         net = cls(**check_kwargs(cls, spec.config, f"{key}.config"))
+    if spec.kind == "classifier":
+        return Model(Network(net), "classifier")
     return Model(_wrap(net, spec.kind, schedule, spec.prediction_type or "epsilon", spec), spec.kind)
 
 
@@ -221,7 +237,7 @@ class Built:
     settings: LoopSettings
     optimizers: dict[str, PhaseOptimizer]
     prepare: Callable[[dict], dict] | None
-    sample_fn: Callable[[Denoiser], Tensor]
+    sample_fn: Callable[[Denoiser], Tensor] | None
     export: Callable[[Denoiser, Path], None]
 
 
@@ -334,15 +350,17 @@ def build(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None) -> Bu
         num_workers=tr.num_workers, resume=tr.resume, trackers=list(tr.trackers),
     )
     sm = recipe.sample
-    sample_fn = make_sample_fn(student, solver=sm.solver, steps=sm.steps, guidance=sm.guidance, num=sm.num,
-                               spacing=sm.spacing, prompts=sm.prompts, seed=tr.seed)
+    sample_fn = None if student.kind == "classifier" else make_sample_fn(
+        student, solver=sm.solver, steps=sm.steps, guidance=sm.guidance, num=sm.num, spacing=sm.spacing,
+        prompts=sm.prompts, seed=tr.seed)
 
     def export(den: Denoiser, directory: Path) -> None:
         from .export import write_final
 
         meta = {"recipe": recipe.name, "method": name, "teacher": _describe(recipe.teacher),
-                "sampler": {"solver": sm.solver, "steps": sm.steps, "guidance": sm.guidance, "spacing": sm.spacing},
-                "sample_shape": list(_sample_shape(student))}
+                "sampler": {"solver": sm.solver, "steps": sm.steps, "guidance": sm.guidance, "spacing": sm.spacing}}
+        if student.kind != "classifier":
+            meta["sample_shape"] = list(_sample_shape(student))
         write_final(den, directory, kind=student.kind, meta=meta, recipe_yaml=recipe.to_yaml(),
                     schedule_spec=schedule_spec, pipeline=student.pipeline)
 

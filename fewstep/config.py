@@ -94,7 +94,8 @@ class LRSchedulerSection:
 
 @dataclass
 class ModelSection:
-    """A network. ``kind``: none, unet2d, mlp, mixture, pipeline, or pretrained (a fewstep final/ dir).
+    """A network. ``kind``: none, unet2d, mlp, mixture, pipeline, pretrained (a fewstep final/ dir), or
+    classifier (the digits feature network).
 
     ``path``: a diffusers pipeline (local dir or hub id), a fewstep final/ dir, or ``stage:NAME`` for
     an earlier stage's output. ``init`` (students): scratch, teacher (a copy of the teacher's
@@ -111,7 +112,7 @@ class ModelSection:
     guidance: float | None = None
 
 
-MODEL_KINDS = ("none", "unet2d", "mlp", "mixture", "pipeline", "pretrained")
+MODEL_KINDS = ("none", "unet2d", "mlp", "mixture", "pipeline", "pretrained", "classifier")
 INITS = ("scratch", "teacher", "path")
 
 SECTIONS: dict[str, type] = {

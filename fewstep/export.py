@@ -66,6 +66,13 @@ def write_final(student: Denoiser, directory: Path, *, kind: str, meta: dict[str
     """Write ``student`` and its metadata to ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     net = student.net
+    if kind == "classifier":
+        net.save_pretrained(directory / "classifier", safe_serialization=True)
+        meta = {"fewstep_version": __version__, "kind": kind, **meta}
+        (directory / META).write_text(json.dumps(meta, indent=2))
+        (directory / "README.md").write_text(f"# {meta.get('recipe')}\n\nA classifier trained with fewstep (loss {meta.get('method')}).\n\n"
+                                             f"```yaml\n{recipe_yaml.rstrip()}\n```\n")
+        return directory
     meta = {"fewstep_version": __version__, "kind": kind, "prediction_type": student.prediction_type, **meta}
     if kind == "pipeline":
         if pipeline is None:

@@ -1,9 +1,10 @@
 """Loss objects, one method per file, all plugged into the one loop (fewstep.loop)."""
 from ..errors import lookup
 from .base import DistillationLoss, LossOutput
+from .classifier import ClassifierLoss
 from .diffusion import DiffusionLoss
 
-LOSSES: dict[str, type[DistillationLoss]] = {"diffusion": DiffusionLoss}
+LOSSES: dict[str, type[DistillationLoss]] = {"diffusion": DiffusionLoss, "classifier": ClassifierLoss}
 
 
 def loss_class(name: str) -> type[DistillationLoss]:
@@ -11,4 +12,4 @@ def loss_class(name: str) -> type[DistillationLoss]:
     return lookup(LOSSES, name, "loss")
 
 
-__all__ = ["DiffusionLoss", "DistillationLoss", "LOSSES", "LossOutput", "loss_class"]
+__all__ = ["ClassifierLoss", "DiffusionLoss", "DistillationLoss", "LOSSES", "LossOutput", "loss_class"]
