@@ -106,6 +106,13 @@ def check_recipe(recipe: Recipe) -> None:
     if recipe.lr_scheduler.name not in scheduler_names():
         raise FewstepError(f"unknown lr_scheduler.name {recipe.lr_scheduler.name!r}; valid: {', '.join(scheduler_names())}")
     lookup(SOLVERS, recipe.sample.solver, "sample.solver")
+    if recipe.evaluation is not None:
+        from .config import check_choice
+        from .eval.evaluate import FEATURES
+
+        check_choice(recipe.evaluation.features, FEATURES, "evaluation.features")
+        if recipe.evaluation.num < 2:
+            raise FewstepError(f"evaluation.num must be at least 2, got {recipe.evaluation.num}")
     for key, spec in (("teacher", recipe.teacher), ("student", recipe.student)):
         _check_model(spec, key)
     if recipe.student.init == "teacher" and recipe.teacher.kind in ("none", "mixture"):
@@ -239,6 +246,7 @@ class Built:
     prepare: Callable[[dict], dict] | None
     sample_fn: Callable[[Denoiser], Tensor] | None
     export: Callable[[Denoiser, Path], None]
+    evaluate: Callable[[Denoiser, int], dict[str, float]] | None = None
 
 
 def _schedule_from(recipe: Recipe) -> tuple[Schedule, dict[str, Any]]:
@@ -348,6 +356,7 @@ def build(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None) -> Bu
         keep_checkpoints=tr.keep_checkpoints, log_every=tr.log_every, sample_every=tr.sample_every,
         eval_every=tr.eval_every, max_wall_time=tr.max_wall_time, nonfinite=tr.nonfinite, progress=tr.progress,
         num_workers=tr.num_workers, resume=tr.resume, trackers=list(tr.trackers),
+        best_metric=recipe.evaluation.best if recipe.evaluation is not None else None,
     )
     sm = recipe.sample
     sample_fn = None if student.kind == "classifier" else make_sample_fn(
@@ -364,8 +373,29 @@ def build(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None) -> Bu
         write_final(den, directory, kind=student.kind, meta=meta, recipe_yaml=recipe.to_yaml(),
                     schedule_spec=schedule_spec, pipeline=student.pipeline)
 
+    evaluate = None
+    if recipe.evaluation is not None and student.kind != "classifier":
+        evaluate = make_evaluate(student, recipe, seed=tr.seed)
     return Built(recipe, schedule, teacher, student, loss, dataset, settings, optimizers,
-                 make_prepare(student.pipeline or teacher.pipeline), sample_fn, export)
+                 make_prepare(student.pipeline or teacher.pipeline), sample_fn, export, evaluate)
+
+
+def make_evaluate(student: Model, recipe: Recipe, *, seed: int) -> Callable[[Denoiser, int], dict[str, float]]:
+    """Samples from the student (fixed noise, classes cycling) scored as `fewstep eval` scores them."""
+    from .eval.evaluate import evaluate, make_extractor, reference_from
+
+    ev, sm = recipe.evaluation, recipe.sample
+    extract, _ = make_extractor(ev.features)
+    reference = reference_from(ev.reference, extract)
+    draw = make_sample_fn(student, solver=sm.solver, steps=ev.steps or sm.steps, guidance=sm.guidance, num=ev.num,
+                          spacing=sm.spacing, prompts=sm.prompts, seed=seed + 1)
+
+    def run(den: Denoiser, step: int) -> dict[str, float]:
+        with torch.no_grad():
+            metrics = evaluate(draw(den), extract, reference, with_pr=False, seed=seed)
+        return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+    return run
 
 
 def _describe(spec: ModelSection) -> str | None:

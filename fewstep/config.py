@@ -87,6 +87,17 @@ class LoraSection:
 
 
 @dataclass
+class EvalSection:
+    """Metrics during training, every ``train.eval_every`` steps, through the same code as `fewstep eval`."""
+
+    features: str = "digits"
+    reference: str = "digits"
+    num: int = 500
+    steps: int | None = None  # default: sample.steps
+    best: str | None = "fd"  # keep the model with the lowest value of this metric in best/
+
+
+@dataclass
 class LRSchedulerSection:
     name: str = "constant"
     warmup_steps: int = 0
@@ -117,7 +128,7 @@ INITS = ("scratch", "teacher", "path")
 
 SECTIONS: dict[str, type] = {
     "train": TrainSection, "sample": SampleSection, "lora": LoraSection, "lr_scheduler": LRSchedulerSection,
-    "teacher": ModelSection, "student": ModelSection,
+    "teacher": ModelSection, "student": ModelSection, "evaluation": EvalSection,
 }
 NAMED_SECTIONS = ("schedule", "loss", "data", "optimizer")
 TOP_KEYS = ("name", "description", "stages", "optimizers", *SECTIONS, *NAMED_SECTIONS)
@@ -230,6 +241,7 @@ class Recipe:
     train: TrainSection
     sample: SampleSection
     lora: LoraSection | None
+    evaluation: EvalSection | None
     lr_scheduler: LRSchedulerSection
     teacher: ModelSection
     student: ModelSection
@@ -287,6 +299,7 @@ def validate(raw: dict[str, Any]) -> Recipe:
     if student.kind == "none":
         raise FewstepError(f"student.kind must name a network; valid: {', '.join(k for k in MODEL_KINDS if k not in ('none', 'mixture'))}")
     lora = None if raw.get("lora") is None else build_section(LoraSection, raw.get("lora"), "lora")
+    evaluation = None if raw.get("evaluation") is None else build_section(EvalSection, raw.get("evaluation"), "evaluation")
     optimizers = raw.get("optimizers") or {}
     if not isinstance(optimizers, dict):
         raise FewstepError(f"optimizers: expected a mapping of phase -> optimizer, got {optimizers!r}")
@@ -294,7 +307,7 @@ def validate(raw: dict[str, Any]) -> Recipe:
     if not isinstance(stages, list) or not all(isinstance(s, dict) and "name" in s for s in stages):
         raise FewstepError("stages: expected a list of mappings, each with a name")
     return Recipe(
-        raw=raw, name=str(raw.get("name", "recipe")), train=train, sample=sample, lora=lora,
+        raw=raw, name=str(raw.get("name", "recipe")), train=train, sample=sample, lora=lora, evaluation=evaluation,
         lr_scheduler=build_section(LRSchedulerSection, raw.get("lr_scheduler"), "lr_scheduler"),
         teacher=teacher, student=student, schedule=_named(raw, "schedule", {"name": "vp"}),
         loss=_named(raw, "loss"), data=_named(raw, "data"), optimizer=_named(raw, "optimizer", {"name": "AdamW", "lr": 1e-4}),

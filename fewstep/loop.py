@@ -55,6 +55,7 @@ class LoopSettings:
     num_workers: int = 0
     resume: str = "auto"
     trackers: list[str] = field(default_factory=list)
+    best_metric: str | None = None  # keep the model with the lowest value of this evaluation metric in best/
 
 
 @dataclass
@@ -191,6 +192,7 @@ class Loop:
         self.plan = BatchPlan(None if _is_stream(dataset) else len(dataset), s.batch_size, s.grad_accum,
                               self.acc.num_processes, s.seed)
         self.dataset = dataset
+        self.best: float | None = None
         self.step = 0
         self.ckpt_root = Path(s.output_dir) / "checkpoints"
         self.log_path = Path(s.output_dir) / "log.jsonl"
@@ -241,7 +243,8 @@ class Loop:
                 groups[f"sched.{phase}"] = t2
         skel, tensors = flatten_state(rng_state(), "rng")
         groups["rng"], skeletons["rng"] = tensors, skel
-        state = {"step": self.step, "phase_steps": self.phase_steps, "skeletons": skeletons, "fingerprint": self.fingerprint}
+        state = {"step": self.step, "phase_steps": self.phase_steps, "skeletons": skeletons, "fingerprint": self.fingerprint,
+                 "best": self.best}
         return groups, state
 
     def save(self) -> Path | None:
@@ -285,6 +288,7 @@ class Loop:
         set_rng_state(unflatten_state(sk["rng"], groups["rng"]))
         self.step = int(state["step"])
         self.phase_steps = dict(state["phase_steps"])
+        self.best = state.get("best")
 
     # ------------------------------------------------------------------ one step
     def _no_sync(self, phase: str, last: bool):
@@ -359,11 +363,17 @@ class Loop:
     def _evaluate(self) -> None:
         if self.evaluate is None or not self.acc.is_main_process:
             return
+        improved = False
         with self.ema_weights():
             self.student.eval()
             metrics = self.evaluate(self.student, self.step)
             self.student.train()
-        self._write_log({"step": self.step, "eval": True, **metrics})
+            key = self.s.best_metric
+            improved = key is not None and key in metrics and (self.best is None or metrics[key] < self.best)
+            if improved and self.export is not None:
+                self.best = metrics[key]
+                self._export_to(Path(self.s.output_dir) / "best", ema=False)  # EMA weights are already loaded
+        self._write_log({"step": self.step, "eval": True, **metrics, **({"best": True} if improved else {})})
 
     def run(self) -> LoopResult:
         s = self.s
@@ -421,19 +431,23 @@ class Loop:
             self.acc.end_training()
         return LoopResult(self.step, status, last_ckpt, final)
 
+    def _export_to(self, target: Path, ema: bool) -> None:
+        """Export the student atomically to ``target`` (written beside, then renamed)."""
+        import shutil
+
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        with (self.ema_weights() if ema else contextlib.nullcontext()):
+            self.export(self.student, tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+
     def _export(self) -> Path | None:
         if self.export is None:
             return None
         final = Path(self.s.output_dir) / "final"
         if self.acc.is_main_process:
-            import shutil
-
-            tmp = final.with_name(".final.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            with (self.ema_weights() if self.s.export_ema else contextlib.nullcontext()):
-                self.export(self.student, tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
+            self._export_to(final, ema=self.s.export_ema)
         self.acc.wait_for_everyone()
         return final
 

@@ -19,7 +19,7 @@ from .errors import FewstepError
 from .io import write_text_atomic
 from .loop import Loop, LoopResult
 
-RUN_FILES = ("checkpoints", "final", "samples", "log.jsonl", "recipe.yaml", ".final.tmp", "DONE")
+RUN_FILES = ("checkpoints", "final", "best", "samples", "log.jsonl", "recipe.yaml", ".final.tmp", ".best.tmp", "DONE")
 STAGE_KINDS = ("distill",)
 
 
@@ -59,6 +59,7 @@ def build_loop(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None, 
     from .viz import save_samples
 
     b = build(recipe, stage_outputs=stage_outputs)
+    evaluate = evaluate or b.evaluate
     return Loop(student=b.student.denoiser, teacher=b.teacher.denoiser, loss=b.loss, dataset=b.dataset,
                 settings=b.settings, optimizers=b.optimizers, prepare=b.prepare, sample_fn=b.sample_fn,
                 save_samples=save_samples, evaluate=evaluate, export=b.export, fingerprint={"recipe": recipe.name}, log=log)

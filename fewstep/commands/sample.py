@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from ..errors import FewstepError
 
 
@@ -25,10 +23,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def prompts_from(args: argparse.Namespace) -> list[str] | None:
+    from ..data.prompts import load_prompts
+
+    return [args.prompt] if args.prompt else load_prompts(args.prompts) if args.prompts else None
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..export import load_final
+    from ..generate import Generator
     from ..io import save_safetensors_atomic
-    from ..solvers import make_solver, sample
     from ..viz import save_samples
 
     out = Path(args.out)
@@ -36,37 +39,12 @@ def run(args: argparse.Namespace) -> int:
         raise FewstepError(f"--out must end in .png or .safetensors, got {out.name}")
     if out.exists():
         raise FewstepError(f"{out} exists; choose another --out (nothing is overwritten)")
-    if args.num < 1 or (args.steps is not None and args.steps < 1):
-        raise FewstepError("--num and --steps must be at least 1")
-    den, meta, lp = load_final(args.model)
-    sampler = meta["sampler"]
-    steps = args.steps or sampler["steps"]
-    solver = make_solver(args.solver or sampler["solver"])
-    guidance = args.guidance if args.guidance is not None else sampler.get("guidance")
-    shape = meta["sample_shape"]
-    x = torch.randn(args.num, *shape, generator=torch.Generator().manual_seed(args.seed))
-    cond = None
-    if lp is not None:
-        from ..data.prompts import load_prompts
-
-        prompts = [args.prompt] if args.prompt else load_prompts(args.prompts) if args.prompts else [""]
-        cond = lp.encode_prompts([prompts[i % len(prompts)] for i in range(args.num)])
-    elif meta.get("null_class") is not None:
-        n_cls = meta["null_class"]
-        if args.class_label is not None and not 0 <= args.class_label < n_cls:
-            raise FewstepError(f"--class must be in 0..{n_cls - 1}, got {args.class_label}")
-        labels = torch.full((args.num,), args.class_label) if args.class_label is not None else torch.arange(args.num) % n_cls
-        cond = {"class_labels": labels}
-    elif args.class_label is not None or args.prompt or args.prompts:
-        raise FewstepError("this model is unconditional; drop --class/--prompt/--prompts")
-    with torch.no_grad():
-        samples = sample(den, solver, x, den.schedule.sampling_grid(steps, sampler.get("spacing")), cond,
-                         guidance=guidance if cond is not None else None, progress=True)
-        if lp is not None:
-            samples = lp.decode_latents(samples)
+    gen = Generator.load(args.model)
+    samples = gen(args.num, seed=args.seed, steps=args.steps, solver=args.solver, guidance=args.guidance,
+                  class_label=args.class_label, prompts=prompts_from(args), progress=True)
     if out.suffix == ".png":
         save_samples(samples, out)
     else:
-        save_safetensors_atomic({"samples": samples.float().clamp(-1, 1) if samples.ndim == 4 else samples.float()}, out)
-    print(f"fewstep: wrote {args.num} samples ({steps} steps) to {out}")
+        save_safetensors_atomic({"samples": samples.float()}, out)
+    print(f"fewstep: wrote {args.num} samples ({args.steps or gen.meta['sampler']['steps']} steps) to {out}")
     return 0

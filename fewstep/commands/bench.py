@@ -1,0 +1,154 @@
+"""`fewstep bench`: a teacher at several step counts and students at theirs, on the same classes/prompts and
+seeds: latency (batch 1), throughput, peak memory and quality -> report.json, report.md, pareto.png."""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import FewstepError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="latency versus quality for a teacher and students")
+    p.add_argument("--teacher", required=True, help="the teacher's final/ directory")
+    p.add_argument("--teacher-steps", default="1,2,4,8,25")
+    p.add_argument("--student", action="append", default=[], help="NAME=DIR or NAME=DIR@1,2,4 (repeatable)")
+    p.add_argument("--student-steps", default="1,2,4")
+    p.add_argument("--num", type=int, default=1000, help="samples per entry for the quality metrics")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference", default="digits")
+    p.add_argument("--features", default=None, help="digits, inception or dinov2")
+    p.add_argument("--inception-weights", default=None)
+    p.add_argument("--repeats", type=int, default=20, help="timed batch-1 runs per entry")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--throughput-batch", type=int, default=64)
+    p.add_argument("--out", required=True, help="a new directory for report.json, report.md and pareto.png")
+    p.set_defaults(run=run)
+
+
+def _steps(text: str) -> list[int]:
+    try:
+        steps = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise FewstepError(f"step lists are comma-separated integers, got {text!r}") from None
+    if not steps or min(steps) < 1:
+        raise FewstepError(f"steps must be at least 1, got {text!r}")
+    return steps
+
+
+def entries(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    out = [("teacher", args.teacher, k) for k in _steps(args.teacher_steps)]
+    for spec in args.student:
+        if "=" not in spec:
+            raise FewstepError(f"--student must look like NAME=DIR or NAME=DIR@1,2,4, got {spec!r}")
+        name, rest = spec.split("=", 1)
+        directory, _, steps = rest.partition("@")
+        out += [(name, directory, k) for k in _steps(steps or args.student_steps)]
+    return out
+
+
+def timed_run(gen, steps: int, batch: int, seed: int):
+    """A closure that generates one batch, timing text encoding, denoiser steps and VAE decode separately."""
+    from ..solvers import make_solver, sample
+
+    s = gen.meta["sampler"]
+    x = torch.randn(batch, *gen.meta["sample_shape"], generator=torch.Generator().manual_seed(seed))
+    solver = make_solver(s["solver"])
+    grid = gen.denoiser.schedule.sampling_grid(steps, s.get("spacing"))
+
+    @torch.no_grad()
+    def run(timer) -> None:
+        with timer.part("text_encoder"):
+            cond = gen.conditions(batch)
+        with timer.part("denoiser"):
+            out = sample(gen.denoiser, solver, x, grid, cond, guidance=s.get("guidance") if cond is not None else None)
+        with timer.part("vae_decode"):
+            if gen.pipeline is not None:
+                gen.pipeline.decode_latents(out)
+
+    return run
+
+
+def write_report(rows: list[dict], out: Path, meta: dict) -> None:
+    (out / "report.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = ["# fewstep bench", "", f"{meta['hardware']}; N = {meta['num']} samples per row; features: {meta['features']}; "
+             f"latency at batch 1 over {meta['repeats']} runs after {meta['warmup']} warm-up runs.", "",
+             "| model | steps | FD | KID | latency median ms | p90 ms | denoiser ms | text ms | VAE ms | throughput img/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['steps']} | {r['fd']:.2f} | {r.get('kid_mean', float('nan')):.4g} | "
+                     f"{r['median_s'] * 1e3:.2f} | {r['p90_s'] * 1e3:.2f} | {r['denoiser_s'] * 1e3:.2f} | "
+                     f"{r['text_encoder_s'] * 1e3:.2f} | {r['vae_decode_s'] * 1e3:.2f} | {r['throughput_img_s']:.1f} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise FewstepError("the Pareto plot needs matplotlib: pip install 'fewstep[plot]'") from None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r["model"] for r in rows):
+        pts = [(r["median_s"] * 1e3, r["fd"], r["steps"]) for r in rows if r["model"] == name]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+        for lat, fd, k in pts:
+            ax.annotate(str(k), (lat, fd), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("latency at batch 1 (ms, log scale)")
+    ax.set_ylabel("Fréchet distance")
+    ax.set_title("latency versus quality (labels: steps)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    import platform
+
+    from ..eval.evaluate import evaluate, make_extractor, reference_from
+    from ..generate import Generator
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise FewstepError(f"{out} exists and is not empty; choose a new --out (nothing is overwritten)")
+    todo = entries(args)
+    features = args.features or ("digits" if args.reference == "digits" else "inception")
+    extract, protocol = make_extractor(features, inception_weights=args.inception_weights)
+    reference = reference_from(args.reference, extract)
+    from ..eval.latency import measure
+
+    generators: dict[str, Generator] = {}
+    rows = []
+    for name, directory, steps in tqdm(todo, desc="bench"):
+        gen = generators.setdefault(directory, Generator.load(directory))
+        samples = gen(args.num, seed=args.seed, steps=steps)
+        quality = evaluate(samples, extract, reference, with_pr=False, seed=args.seed)
+        latency = measure(timed_run(gen, steps, 1, args.seed), warmup=args.warmup, repeats=args.repeats)
+        run_b = timed_run(gen, steps, args.throughput_batch, args.seed)
+        from ..eval.latency import PartTimer
+
+        run_b(PartTimer())  # warm-up
+        start = time.perf_counter()
+        run_b(PartTimer())
+        throughput = args.throughput_batch / (time.perf_counter() - start)
+        rows.append({"model": name, "dir": directory, "steps": steps, **quality, **latency, "throughput_img_s": throughput,
+                     "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    out.mkdir(parents=True, exist_ok=True)
+    hardware = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, "
+                f"{torch.get_num_threads()} threads)") + f", torch {torch.__version__}"
+    meta = {"num": args.num, "seed": args.seed, "features": protocol, "reference": reference[3], "hardware": hardware,
+            "repeats": args.repeats, "warmup": args.warmup, "throughput_batch": args.throughput_batch,
+            "peak_memory": "process peak RSS (CPU); cumulative over the run"}
+    write_report(rows, out, meta)
+    print((out / "report.md").read_text())
+    return 0

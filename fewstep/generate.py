@@ -1,0 +1,64 @@
+"""Generating samples from a trained model (a run's final/): shared by `fewstep sample`, `eval` and `bench`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import FewstepError
+
+
+@dataclass
+class Generator:
+    """A loaded model and its default sampler; ``__call__`` draws samples (decoded images for pipelines)."""
+
+    denoiser: Any
+    meta: dict[str, Any]
+    pipeline: Any = None
+
+    @classmethod
+    def load(cls, directory: str, device: str | torch.device = "cpu") -> "Generator":
+        from .export import load_final
+
+        den, meta, lp = load_final(directory, device=device)
+        if meta["kind"] == "classifier":
+            raise FewstepError(f"{directory} holds a classifier, not a generator")
+        return cls(den, meta, lp)
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.meta.get("null_class")
+
+    def conditions(self, num: int, *, class_label: int | None = None, prompts: list[str] | None = None) -> dict | None:
+        if self.pipeline is not None:
+            prompts = prompts or [""]
+            return self.pipeline.encode_prompts([prompts[i % len(prompts)] for i in range(num)])
+        n_cls = self.num_classes
+        if n_cls is not None:
+            if class_label is not None and not 0 <= class_label < n_cls:
+                raise FewstepError(f"class must be in 0..{n_cls - 1}, got {class_label}")
+            return {"class_labels": torch.full((num,), class_label) if class_label is not None else torch.arange(num) % n_cls}
+        if class_label is not None or prompts:
+            raise FewstepError("this model is unconditional; give no class or prompts")
+        return None
+
+    @torch.no_grad()
+    def __call__(self, num: int, *, seed: int = 0, steps: int | None = None, solver: str | None = None,
+                 guidance: float | None = None, class_label: int | None = None, prompts: list[str] | None = None,
+                 progress: bool = False) -> Tensor:
+        from .solvers import make_solver, sample
+
+        if num < 1 or (steps is not None and steps < 1):
+            raise FewstepError("the number of samples and steps must be at least 1")
+        s = self.meta["sampler"]
+        cond = self.conditions(num, class_label=class_label, prompts=prompts)
+        x = torch.randn(num, *self.meta["sample_shape"], generator=torch.Generator().manual_seed(seed))
+        g = guidance if guidance is not None else s.get("guidance")
+        out = sample(self.denoiser, make_solver(solver or s["solver"]), x,
+                     self.denoiser.schedule.sampling_grid(steps or s["steps"], s.get("spacing")), cond,
+                     guidance=g if cond is not None else None, progress=progress)
+        if self.pipeline is not None:
+            out = self.pipeline.decode_latents(out)
+        return out.clamp(-1, 1) if out.ndim == 4 else out

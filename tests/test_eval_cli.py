@@ -1,0 +1,88 @@
+"""`fewstep eval`, the latency harness and `fewstep bench`."""
+import json
+import time
+
+import torch
+
+from fewstep.cli import main
+from fewstep.config import validate
+from fewstep.data.digits import load_digits_tensors
+from fewstep.eval.latency import PARTS, measure
+from fewstep.io import save_safetensors_atomic
+from fewstep.run import run_recipe
+
+from .test_loop import digits_recipe
+
+
+def test_eval_of_real_digits_against_the_digits_reference(tmp_path, capsys):
+    x, _ = load_digits_tensors()
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    real = tmp_path / "real.safetensors"
+    noise = tmp_path / "noise.safetensors"
+    save_safetensors_atomic({"samples": x[perm[:600]]}, real)
+    save_safetensors_atomic({"samples": torch.rand(600, 1, 8, 8) * 2 - 1}, noise)
+    out = tmp_path / "m.json"
+    assert main(["eval", "--samples", str(real), "--reference", "digits", "--out", str(out)]) == 0
+    m = json.loads(out.read_text())
+    capsys.readouterr()
+    assert m["n_samples"] == 600 and m["n_reference"] == 1797 and "digits feature network" in m["features"]
+    assert main(["eval", "--samples", str(noise), "--reference", "digits"]) == 0
+    m_noise = json.loads(capsys.readouterr().out)
+    assert m["fd"] < 0.05 * m_noise["fd"] and m["precision"] > m_noise["precision"]
+    assert main(["eval", "--samples", str(real), "--reference", "digits", "--out", str(out)]) == 2  # never overwritten
+    assert main(["eval", "--samples", str(real), "--reference", "digits", "--features", "clip"]) == 2
+    assert "valid: digits, inception, dinov2" in capsys.readouterr().err
+
+
+def test_latency_harness_excludes_warmup_and_parts_sum_to_the_whole():
+    calls = {"n": 0}
+
+    def run(timer):
+        calls["n"] += 1
+        slow = 0.05 if calls["n"] <= 2 else 0.0  # warm-up runs are slow; they must not be counted
+        with timer.part("text_encoder"):
+            time.sleep(0.002 + slow)
+        with timer.part("denoiser"):
+            time.sleep(0.010)
+        with timer.part("vae_decode"):
+            time.sleep(0.004)
+
+    r = measure(run, warmup=2, repeats=9)
+    assert calls["n"] == 11
+    assert r["median_s"] < 0.03  # no warm-up in the statistics
+    parts = sum(r[f"{p}_s"] for p in PARTS)
+    assert abs(parts - r["median_s"]) <= 0.05 * r["median_s"]
+
+
+def test_bench_writes_report_table_and_plot(tmp_path, capsys):
+    model = tmp_path / "teacher"
+    run_recipe(validate(digits_recipe(model, max_steps=2)), log=lambda m: None)
+    out = tmp_path / "bench"
+    assert main(["bench", "--teacher", str(model / "final"), "--teacher-steps", "1,2", "--student",
+                 f"copy={model / 'final'}@1", "--num", "40", "--repeats", "2", "--warmup", "1",
+                 "--throughput-batch", "4", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [(r["model"], r["steps"]) for r in report["rows"]] == [("teacher", 1), ("teacher", 2), ("copy", 1)]
+    assert all(r["fd"] > 0 and r["median_s"] > 0 for r in report["rows"])
+    assert "| teacher | 2 |" in (out / "report.md").read_text()
+    assert (out / "pareto.png").stat().st_size > 1000
+    assert main(["bench", "--teacher", str(model / "final"), "--out", str(out)]) == 2  # not empty: refused
+    assert main(["bench", "--teacher", "x", "--student", "nodir", "--out", str(tmp_path / "b2")]) == 2
+    assert "NAME=DIR" in capsys.readouterr().err
+
+
+def test_the_loop_evaluates_logs_and_keeps_the_best(tmp_path):
+    raw = digits_recipe(tmp_path / "ev", max_steps=4, eval_every=2)
+    raw["evaluation"] = {"num": 40, "steps": 2}
+    assert run_recipe(validate(raw), log=lambda m: None).status == "finished"
+    rows = [json.loads(x) for x in (tmp_path / "ev/log.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r.get("eval")]
+    assert [r["step"] for r in evals] == [2, 4] and all(r["fd"] > 0 and r["n_samples"] == 40 for r in evals)
+    assert evals[0].get("best") and (tmp_path / "ev/best/fewstep.json").exists()
+    best = min(r["fd"] for r in evals)
+    from fewstep.checkpoint import checkpoint_dirs
+
+    state = json.loads((checkpoint_dirs(tmp_path / "ev/checkpoints")[-1] / "state.json").read_text())
+    assert state["state"]["best"] == best  # resume keeps the best value
+    raw["evaluation"]["features"] = "clip"
+    assert main(["validate", "gmm_teacher", "evaluation.features=clip"]) == 2
