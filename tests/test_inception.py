@@ -43,6 +43,11 @@ def test_missing_weights_say_what_to_do(tmp_path, monkeypatch):
         load_fid_inception()
     msg = str(e.value)
     assert WEIGHTS_FILE in msg and "https://" in msg and "6726825d" in msg and "FEWSTEP_WEIGHTS_DIR" in msg
+    monkeypatch.setenv("FEWSTEP_ALLOW_DOWNLOAD", "1")  # allowed, but HF_HUB_OFFLINE=1: no download is tried
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FewstepError, match="not found"):
+        load_fid_inception()
+    assert not list(tmp_path.iterdir())
 
 
 def test_clean_preprocessing_equals_direct_pil():

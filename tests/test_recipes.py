@@ -27,3 +27,9 @@ def test_digits_teacher_draws_the_asked_class(tmp_path):
         x, y = sample_classes(den, per_class=100, steps=25, guidance=meta["sampler"]["guidance"])
     acc, _ = class_accuracy(fit_digits_classifier(), x, y)
     assert acc >= 0.90, acc
+    # and `fewstep bench` on it: the digits Fréchet distance falls as the steps rise
+    import json
+
+    assert main(["bench", "--teacher", str(out / "final"), "--num", "1000", "--repeats", "3", "--out", str(tmp_path / "bench")]) == 0
+    fds = [r["fd"] for r in json.loads((tmp_path / "bench" / "report.json").read_text())["rows"]]
+    assert all(a > b for a, b in zip(fds, fds[1:])), fds

@@ -141,14 +141,18 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         run_b(PartTimer())
         throughput = args.throughput_batch / (time.perf_counter() - start)
+        memory = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if torch.cuda.is_available():
+            memory["max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+            torch.cuda.reset_peak_memory_stats()
         rows.append({"model": name, "dir": directory, "steps": steps, **quality, **latency, "throughput_img_s": throughput,
-                     "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+                     **memory})
     out.mkdir(parents=True, exist_ok=True)
     hardware = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, "
                 f"{torch.get_num_threads()} threads)") + f", torch {torch.__version__}"
     meta = {"num": args.num, "seed": args.seed, "features": protocol, "reference": reference[3], "hardware": hardware,
             "repeats": args.repeats, "warmup": args.warmup, "throughput_batch": args.throughput_batch,
-            "peak_memory": "process peak RSS (CPU); cumulative over the run"}
+            "peak_memory": "process peak RSS, cumulative over the run; on CUDA also max_allocated per row"}
     write_report(rows, out, meta)
     print((out / "report.md").read_text())
     return 0

@@ -17,6 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--class", dest="class_label", type=int, default=None, help="only this class (default: all, cycling)")
+    p.add_argument("--prompts", default=None, help="prompt file for text-conditioned models (one prompt a line)")
     p.add_argument("--reference", required=True, help="digits, a statistics .npz (mu, sigma), an image folder or a .safetensors file")
     p.add_argument("--features", default=None, help="digits, inception or dinov2 (default: digits for --reference digits, else inception)")
     p.add_argument("--inception-weights", default=None, help="path of pt_inception-2015-12-05-6726825d.pth")
@@ -39,7 +41,11 @@ def run(args: argparse.Namespace) -> int:
         from ..generate import Generator
 
         gen = Generator.load(args.model)
-        samples = gen(args.num, seed=args.seed, steps=args.steps, guidance=args.guidance, progress=True)
+        from ..data.prompts import load_prompts
+
+        prompts = load_prompts(args.prompts) if args.prompts else None
+        samples = gen(args.num, seed=args.seed, steps=args.steps, guidance=args.guidance, class_label=args.class_label,
+                      prompts=prompts, progress=True)
         sampler = {**gen.meta["sampler"], **({"steps": args.steps} if args.steps else {}),
                    **({"guidance": args.guidance} if args.guidance is not None else {}), "seed": args.seed}
     else:

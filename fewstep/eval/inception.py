@@ -165,15 +165,40 @@ class FIDInceptionV3(nn.Module):
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
 
+def _download(target: Path) -> None:
+    """Fetch the weights to ``target`` with a sha256 check (only when FEWSTEP_ALLOW_DOWNLOAD=1 and not offline)."""
+    import tempfile
+    import urllib.request
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
+    os.close(fd)
+    try:
+        urllib.request.urlretrieve(WEIGHTS_URL, tmp)
+        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
+        if not digest.startswith(WEIGHTS_SHA256_PREFIX):
+            raise FewstepError(f"downloaded {WEIGHTS_FILE} has sha256 {digest[:8]}..., expected {WEIGHTS_SHA256_PREFIX}...")
+        os.replace(tmp, target)
+    except OSError as e:
+        raise FewstepError(f"cannot download {WEIGHTS_URL}: {e}") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def weights_path(path: str | Path | None = None) -> Path:
-    """Where the FID weights are: ``path``, else $FEWSTEP_WEIGHTS_DIR/<file>; one clear line when missing."""
+    """Where the FID weights are: ``path``, else $FEWSTEP_WEIGHTS_DIR/<file> (downloaded there with a sha256
+    check when FEWSTEP_ALLOW_DOWNLOAD=1 and HF_HUB_OFFLINE is not set); one clear line when missing."""
     if path is not None:
         p = Path(path)
     else:
         p = Path(os.environ.get("FEWSTEP_WEIGHTS_DIR", Path.home() / ".cache" / "fewstep")) / WEIGHTS_FILE
+        allowed = os.environ.get("FEWSTEP_ALLOW_DOWNLOAD") == "1" and os.environ.get("HF_HUB_OFFLINE") != "1"
+        if not p.is_file() and allowed:
+            _download(p)
     if not p.is_file():
         raise FewstepError(f"FID Inception weights {p.name} not found at {p}; download {WEIGHTS_URL} (sha256 "
-                           f"{WEIGHTS_SHA256_PREFIX}...) and pass its path, or put it in FEWSTEP_WEIGHTS_DIR")
+                           f"{WEIGHTS_SHA256_PREFIX}...) and pass its path, put it in FEWSTEP_WEIGHTS_DIR, "
+                           f"or set FEWSTEP_ALLOW_DOWNLOAD=1 where the network is reachable")
     return p
 
 
