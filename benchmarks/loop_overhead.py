@@ -36,7 +36,7 @@ def main() -> None:
     recipe = validate({
         "name": "overhead", "schedule": {"name": "vp"}, "student": {"kind": "unet2d", "config": UNET},
         "loss": {"name": "diffusion"}, "data": {"name": "digits"}, "optimizer": {"name": "AdamW", "lr": 1e-4},
-        "train": {"output_dir": str(out), "max_steps": 10**9, "batch_size": args.batch, "ema_decay": 0.999,
+        "train": {"output_dir": str(out), "max_steps": args.steps + 10, "batch_size": args.batch, "ema_decay": 0.999,
                   "clip_grad_norm": 1.0, "progress": False, "log_every": 10**9},
     })
     loop = build_loop(recipe, log=lambda m: None)

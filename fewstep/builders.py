@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -10,9 +11,10 @@ import torch
 from torch import Tensor
 
 from .config import ModelSection, Recipe, check_kwargs
-from .data.plan import ArrayDataset
+from .data.plan import ArrayDataset, is_stream
 from .denoisers import Denoiser, MixtureDenoiser, MLPDenoiser, MLPNet, SD3Denoiser, UNetDenoiser
 from .errors import FewstepError, lookup
+from .generate import cycling_conditions
 from .loop import LoopSettings, PhaseOptimizer, optimizer_classes, scheduler_names
 from .losses import loss_class
 from .schedules import SCHEDULES, Schedule
@@ -251,7 +253,8 @@ class Built:
 
 def _schedule_from(recipe: Recipe) -> tuple[Schedule, dict[str, Any]]:
     name, kw = _split(recipe.schedule)
-    return lookup(SCHEDULES, name, "schedule")(**check_kwargs(lookup(SCHEDULES, name, "schedule"), kw, "schedule")), recipe.schedule
+    make = lookup(SCHEDULES, name, "schedule")
+    return make(**check_kwargs(make, kw, "schedule")), recipe.schedule
 
 
 def _sample_shape(model: Model) -> tuple[int, ...]:
@@ -276,13 +279,7 @@ def make_sample_fn(model: Model, *, solver: str, steps: int, guidance: float | N
         g = torch.Generator().manual_seed(seed)
         device = next(iter(den.parameters()), torch.zeros(())).device
         x = torch.randn(num, *shape, generator=g).to(device)
-        cond = None
-        null = den.null_cond or {}
-        if "class_labels" in null:
-            n_cls = int(null["class_labels"].reshape(-1)[0])
-            cond = {"class_labels": (torch.arange(num) % max(n_cls, 1)).to(device)}
-        elif lp is not None:
-            cond = lp.encode_prompts([prompts[i % len(prompts)] for i in range(num)])
+        cond = cycling_conditions(den, lp, num, prompts=prompts if lp is not None else None, device=device)
         out = sample(den, make_solver(solver), x, den.schedule.sampling_grid(steps, spacing), cond,
                      guidance=guidance if cond is not None else None)
         if lp is not None:
@@ -342,22 +339,16 @@ def build(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None) -> Bu
         loss = cls(**check_kwargs(cls, kw, "loss"))
     dname, dkw = _split(recipe.data)
     dataset = lookup(DATA, dname, "data")(**check_kwargs(DATA[dname], dkw, "data"))
-    if "x0" in loss.needs and not _is_stream(dataset) and "x0" not in dataset[0]:
+    if "x0" in loss.needs and not is_stream(dataset) and "x0" not in dataset[0]:
         raise FewstepError(f"loss {name} needs data with x0 (images, latents or vectors); data {dname} gives {', '.join(dataset[0])}")
     optimizers = {}
     for phase in loss.phases:
         merged = {**recipe.optimizer, **(recipe.optimizers.get(phase) or {})}
         opt_name, okw = _split(merged)
         optimizers[phase] = PhaseOptimizer(opt_name, okw, recipe.lr_scheduler.name, recipe.lr_scheduler.warmup_steps)
-    settings = LoopSettings(
-        output_dir=Path(tr.output_dir), max_steps=tr.max_steps, batch_size=tr.batch_size, seed=tr.seed,
-        grad_accum=tr.grad_accum, mixed_precision=tr.mixed_precision, clip_grad_norm=tr.clip_grad_norm,
-        ema_decay=tr.ema_decay, export_ema=tr.export_ema, checkpoint_every=tr.checkpoint_every,
-        keep_checkpoints=tr.keep_checkpoints, log_every=tr.log_every, sample_every=tr.sample_every,
-        eval_every=tr.eval_every, max_wall_time=tr.max_wall_time, nonfinite=tr.nonfinite, progress=tr.progress,
-        num_workers=tr.num_workers, resume=tr.resume, trackers=list(tr.trackers),
-        best_metric=recipe.evaluation.best if recipe.evaluation is not None else None,
-    )
+    shared = {f.name: getattr(tr, f.name) for f in dataclasses.fields(LoopSettings) if hasattr(tr, f.name)}
+    settings = LoopSettings(**{**shared, "output_dir": Path(tr.output_dir), "trackers": list(tr.trackers)},
+                            best_metric=recipe.evaluation.best if recipe.evaluation is not None else None)
     sm = recipe.sample
     sample_fn = None if student.kind == "classifier" else make_sample_fn(
         student, solver=sm.solver, steps=sm.steps, guidance=sm.guidance, num=sm.num, spacing=sm.spacing,
@@ -405,8 +396,3 @@ def _describe(spec: ModelSection) -> str | None:
         return f"analytic mixture ({spec.mixture.get('name', 'ring')})"
     return f"{spec.kind}: {spec.path}" if spec.path else spec.kind
 
-
-def _is_stream(dataset) -> bool:
-    from torch.utils.data import IterableDataset
-
-    return isinstance(dataset, IterableDataset)

@@ -10,6 +10,25 @@ from torch import Tensor
 from .errors import FewstepError
 
 
+def cycling_conditions(denoiser, pipeline, num: int, *, class_label: int | None = None,
+                       prompts: list[str] | None = None, device: torch.device | str = "cpu") -> dict | None:
+    """Conditions for ``num`` samples: prompts cycling (pipelines; default the empty prompt), classes cycling
+    0..C-1 or one ``class_label`` (class-conditional models; C = the null class index), or None."""
+    if pipeline is not None:
+        prompts = prompts or [""]
+        return pipeline.encode_prompts([prompts[i % len(prompts)] for i in range(num)])
+    null = denoiser.null_cond or {}
+    if "class_labels" in null:
+        n_cls = int(null["class_labels"].reshape(-1)[0])
+        if class_label is not None and not 0 <= class_label < n_cls:
+            raise FewstepError(f"class must be in 0..{n_cls - 1}, got {class_label}")
+        labels = torch.full((num,), class_label) if class_label is not None else torch.arange(num) % max(n_cls, 1)
+        return {"class_labels": labels.to(device)}
+    if class_label is not None or prompts:
+        raise FewstepError("this model is unconditional; give no class or prompts")
+    return None
+
+
 @dataclass
 class Generator:
     """A loaded model and its default sampler; ``__call__`` draws samples (decoded images for pipelines)."""
@@ -27,22 +46,8 @@ class Generator:
             raise FewstepError(f"{directory} holds a classifier, not a generator")
         return cls(den, meta, lp)
 
-    @property
-    def num_classes(self) -> int | None:
-        return self.meta.get("null_class")
-
     def conditions(self, num: int, *, class_label: int | None = None, prompts: list[str] | None = None) -> dict | None:
-        if self.pipeline is not None:
-            prompts = prompts or [""]
-            return self.pipeline.encode_prompts([prompts[i % len(prompts)] for i in range(num)])
-        n_cls = self.num_classes
-        if n_cls is not None:
-            if class_label is not None and not 0 <= class_label < n_cls:
-                raise FewstepError(f"class must be in 0..{n_cls - 1}, got {class_label}")
-            return {"class_labels": torch.full((num,), class_label) if class_label is not None else torch.arange(num) % n_cls}
-        if class_label is not None or prompts:
-            raise FewstepError("this model is unconditional; give no class or prompts")
-        return None
+        return cycling_conditions(self.denoiser, self.pipeline, num, class_label=class_label, prompts=prompts)
 
     @torch.no_grad()
     def __call__(self, num: int, *, seed: int = 0, steps: int | None = None, solver: str | None = None,

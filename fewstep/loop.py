@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (flatten_state, latest_intact, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                          unflatten_state)
-from .data.plan import BatchPlan, BatchSource
+from .data.plan import BatchPlan, BatchSource, is_stream
 from .denoisers import Denoiser
 from .errors import FewstepError, lookup
 from .losses.base import DistillationLoss
@@ -189,7 +189,7 @@ class Loop:
         self.student_params = list(student_trainable.values())  # cached: walking modules each step is slow
         if s.ema_decay is not None:
             self.ema = [p.detach().float().clone() for p in self.student_params]
-        self.plan = BatchPlan(None if _is_stream(dataset) else len(dataset), s.batch_size, s.grad_accum,
+        self.plan = BatchPlan(None if is_stream(dataset) else len(dataset), s.batch_size, s.grad_accum,
                               self.acc.num_processes, s.seed)
         self.dataset = dataset
         self.best: float | None = None
@@ -451,9 +451,4 @@ class Loop:
         self.acc.wait_for_everyone()
         return final
 
-
-def _is_stream(dataset) -> bool:
-    from torch.utils.data import IterableDataset
-
-    return isinstance(dataset, IterableDataset)
 

@@ -15,12 +15,6 @@ def sample_seed(seed: int, position: int) -> int:
     return ((seed * _MIX) ^ (position * 0xBF58476D1CE4E5B9) ^ (position >> 7)) & 0x7FFFFFFFFFFFFFFF
 
 
-def randn_per_sample(shape: Sequence[int], seeds: Sequence[int], *, device: torch.device | str = "cpu",
-                     dtype: torch.dtype = torch.float32) -> Tensor:
-    """A (len(seeds), *shape) tensor whose i-th slice is torch.randn(shape) from Generator(seed_i)."""
-    out = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s)), dtype=dtype) for s in seeds]
-    return torch.stack(out).to(device)
-
 
 class SampleRNG:
     """One torch.Generator per sample; each draw stacks one draw per sample (on the CPU, then moved).

@@ -20,6 +20,11 @@ from ..rng import sample_seed
 from .collate import collate
 
 
+def is_stream(dataset) -> bool:
+    """True for iterable (streamed) datasets, which have no length and no random access."""
+    return isinstance(dataset, IterableDataset)
+
+
 class ArrayDataset(Dataset):
     """In-memory tensors with a vectorized ``get_batch`` (digits, mixtures, pairs)."""
 
@@ -78,7 +83,7 @@ class BatchSource:
 
     def __init__(self, dataset: Dataset, plan: BatchPlan, *, rank: int = 0, start_step: int = 0, num_workers: int = 0) -> None:
         self.dataset, self.plan, self.rank = dataset, plan, rank
-        self.iterable = isinstance(dataset, IterableDataset)
+        self.iterable = is_stream(dataset)
         self._loader: Iterator | None = None
         self._stream: Iterator | None = None
         self._stream_pos = 0

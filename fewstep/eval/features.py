@@ -1,13 +1,12 @@
-"""Feature extraction in batches into float64 statistics (or a full feature matrix, for KID and PR)."""
+"""The FID Inception as a feature extractor: images in [-1, 1] -> pool3 features in float64."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from .preprocess import preprocess
-from .stats import RunningStats
 
 
 def inception_extractor(net: nn.Module, mode: str = "clean") -> Callable[[Tensor], Tensor]:
@@ -21,17 +20,3 @@ def inception_extractor(net: nn.Module, mode: str = "clean") -> Callable[[Tensor
 
     return extract
 
-
-def collect(extract: Callable[[Tensor], Tensor], batches: Iterable[Tensor], *, keep: bool = True) -> tuple[RunningStats, Tensor | None]:
-    """Run ``extract`` over image batches; return the running statistics and (optionally) all features."""
-    stats, kept = None, []
-    for images in batches:
-        f = extract(images)
-        if stats is None:
-            stats = RunningStats(f.shape[1])
-        stats.update(f)
-        if keep:
-            kept.append(f)
-    if stats is None:
-        raise ValueError("no batches to extract features from")
-    return stats, (torch.cat(kept) if keep else None)
