@@ -17,10 +17,12 @@ from .errors import FewstepError, lookup
 from .generate import cycling_conditions
 from .loop import LoopSettings, PhaseOptimizer, optimizer_classes, scheduler_names
 from .losses import loss_class
-from .schedules import SCHEDULES, Schedule
+from .schedules import SCHEDULES, FlowSchedule, Schedule
 from .solvers import SOLVERS, make_solver, sample
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: loss constructor arguments the builder supplies (from the models), never the recipe
+LOSS_INJECTED = ("teacher", "student", "schedule", "pipeline", "decoder", "fake_score", "discriminator")
 
 
 # ----------------------------------------------------------------------------- data
@@ -61,10 +63,17 @@ def _hf(name: str, resolution: int, split: str = "train", image_column: str = "i
                           label_column=label_column, resize=resize)
 
 
-def _prompts(path: str):
+def _prompts(path: str | None = None):
+    """One prompt a line; without a path, fewstep's 40 built-in prompts (fewstep/assets/prompts.txt)."""
     from .data.prompts import PromptDataset
 
-    return PromptDataset(path)
+    return PromptDataset(path or Path(__file__).parent / "assets" / "prompts.txt")
+
+
+def _pairs(path: str):
+    from .pairs import PairsDataset
+
+    return PairsDataset(path)
 
 
 def _cache(path: str):
@@ -75,7 +84,7 @@ def _cache(path: str):
 
 DATA: dict[str, Callable[..., Any]] = {
     "digits": digits_data, "mixture": mixture_data, "images": _images, "tar": _tar, "hf": _hf,
-    "prompts": _prompts, "cache": _cache,
+    "prompts": _prompts, "cache": _cache, "pairs": _pairs,
 }
 
 
@@ -93,7 +102,7 @@ def check_recipe(recipe: Recipe) -> None:
         raise FewstepError("missing section loss (with loss.name)")
     name, kw = _split(recipe.loss)
     cls = loss_class(name)
-    check_kwargs(getattr(cls, "build", cls), kw, "loss", skip=("teacher", "student", "schedule"))
+    check_kwargs(cls, kw, "loss", skip=LOSS_INJECTED)
     if not recipe.data:
         raise FewstepError("missing section data (with data.name)")
     name, kw = _split(recipe.data)
@@ -169,13 +178,22 @@ def _network_class(kind: str):
     return {"unet2d": UNet2DModel, "mlp": MLPNet, "classifier": DigitsFeatureNet}[kind]
 
 
-def _resolve(path: str, stage_outputs: dict[str, Path]) -> str:
+def _resolve(path: str, stage_outputs: dict[str, Path], sub: str = "final") -> str:
+    """``stage:NAME`` -> that earlier stage's ``sub`` directory (final/ for models, pairs/ for data)."""
     if path.startswith("stage:"):
         name = path[len("stage:"):]
         if name not in stage_outputs:
             raise FewstepError(f"{path}: no earlier stage named {name!r}; valid: {', '.join(stage_outputs) or '(none)'}")
-        return str(stage_outputs[name] / "final")
+        return str(stage_outputs[name] / sub)
     return path
+
+
+def build_data(recipe: Recipe, stage_outputs: dict[str, Path] | None = None):
+    """The recipe's dataset; a ``path: stage:NAME`` names an earlier stage's pairs."""
+    dname, dkw = _split(recipe.data)
+    if isinstance(dkw.get("path"), str):
+        dkw["path"] = _resolve(dkw["path"], stage_outputs or {}, "pairs")
+    return lookup(DATA, dname, "data")(**check_kwargs(DATA[dname], dkw, "data"))
 
 
 def _null_for_unet(net) -> dict[str, Tensor] | None:
@@ -216,11 +234,15 @@ def build_model(spec: ModelSection, key: str, schedule: Schedule, *, teacher: Mo
         t = teacher.denoiser
         net = copy.deepcopy(t.net)
         ptype = spec.prediction_type or t.prediction_type
+        sched = t.schedule
+        if spec.schedule == "flow" and sched.kind != "flow":
+            # InstaFlow: the copy's output is read as the flow velocity u = z - x1 at t = 1000 s
+            sched, ptype = FlowSchedule(sched.num_train_timesteps), "flow"
         if teacher.pipeline is not None:
             cls = SD3Denoiser if teacher.pipeline.family == "sd3" else UNetDenoiser
-            return Model(cls(net, t.schedule, ptype, null_cond=t.null_cond), "pipeline", teacher.pipeline)
+            return Model(cls(net, sched, ptype, null_cond=t.null_cond), "pipeline", teacher.pipeline)
         kind = "mlp" if isinstance(net, MLPNet) else "unet2d"
-        return Model(_wrap(net, kind, t.schedule, ptype, spec, t.null_cond), kind)
+        return Model(_wrap(net, kind, sched, ptype, spec, t.null_cond), kind)
     cls = _network_class(spec.kind)
     if spec.init == "path":
         path = Path(_resolve(spec.path, stage_outputs))
@@ -232,6 +254,13 @@ def build_model(spec: ModelSection, key: str, schedule: Schedule, *, teacher: Mo
     if spec.kind == "classifier":
         return Model(Network(net), "classifier")
     return Model(_wrap(net, spec.kind, schedule, spec.prediction_type or "epsilon", spec), spec.kind)
+
+
+def cast_teacher(teacher: Model, dtype: str) -> None:
+    """Cast a teacher network to ``train.teacher_dtype`` (left alone when it already has that dtype)."""
+    den = teacher.denoiser
+    if den is not None and hasattr(den, "net") and den.net_dtype != DTYPES[dtype]:
+        den.net.to(DTYPES[dtype])
 
 
 # ----------------------------------------------------------------------------- everything
@@ -317,8 +346,7 @@ def build(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None) -> Bu
     student = build_model(recipe.student, "student", schedule, teacher=teacher, stage_outputs=stage_outputs, seed=tr.seed)
     if student.denoiser is None or not hasattr(student.denoiser, "net"):
         raise FewstepError(f"student.kind={recipe.student.kind} is not a trainable network; valid: unet2d, mlp, pipeline, pretrained")
-    if teacher.denoiser is not None and hasattr(teacher.denoiser, "net"):
-        teacher.denoiser.net.to(DTYPES[tr.teacher_dtype])
+    cast_teacher(teacher, tr.teacher_dtype)
     net = student.denoiser.net
     net.requires_grad_(True)
     if recipe.lora is not None:
@@ -332,13 +360,14 @@ def build(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None) -> Bu
         net.enable_gradient_checkpointing()
     name, kw = _split(recipe.loss)
     cls = loss_class(name)
+    kw = check_kwargs(cls, kw, "loss", skip=LOSS_INJECTED)
     if hasattr(cls, "build"):
         loss = cls.build(teacher=teacher.denoiser, student=student.denoiser, schedule=schedule,
-                         **check_kwargs(cls.build, kw, "loss", skip=("teacher", "student", "schedule")))
+                         pipeline=student.pipeline or teacher.pipeline, **kw)
     else:
-        loss = cls(**check_kwargs(cls, kw, "loss"))
-    dname, dkw = _split(recipe.data)
-    dataset = lookup(DATA, dname, "data")(**check_kwargs(DATA[dname], dkw, "data"))
+        loss = cls(**kw)
+    dname = recipe.data["name"]
+    dataset = build_data(recipe, stage_outputs)
     if "x0" in loss.needs and not is_stream(dataset) and "x0" not in dataset[0]:
         raise FewstepError(f"loss {name} needs data with x0 (images, latents or vectors); data {dname} gives {', '.join(dataset[0])}")
     optimizers = {}
@@ -355,14 +384,15 @@ def build(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None) -> Bu
         prompts=sm.prompts, seed=tr.seed)
 
     def export(den: Denoiser, directory: Path) -> None:
-        from .export import write_final
+        from .export import pipeline_scheduler, student_schedule_spec, write_final
 
         meta = {"recipe": recipe.name, "method": name, "teacher": _describe(recipe.teacher),
                 "sampler": {"solver": sm.solver, "steps": sm.steps, "guidance": sm.guidance, "spacing": sm.spacing}}
         if student.kind != "classifier":
             meta["sample_shape"] = list(_sample_shape(student))
         write_final(den, directory, kind=student.kind, meta=meta, recipe_yaml=recipe.to_yaml(),
-                    schedule_spec=schedule_spec, pipeline=student.pipeline)
+                    schedule_spec=student_schedule_spec(den, schedule_spec), pipeline=student.pipeline,
+                    scheduler=pipeline_scheduler(den, student.pipeline, sm.solver))
 
     evaluate = None
     if recipe.evaluation is not None and student.kind != "classifier":
@@ -396,3 +426,57 @@ def _describe(spec: ModelSection) -> str | None:
         return f"analytic mixture ({spec.mixture.get('name', 'ring')})"
     return f"{spec.kind}: {spec.path}" if spec.path else spec.kind
 
+
+
+# ----------------------------------------------------------------------------- pairs
+def pair_conditions(dataset, teacher: Denoiser) -> Callable[[list[int]], dict[str, Any]] | None:
+    """Index i takes the condition (labels or prompt) of data item i mod len(data); None if unconditional."""
+    if teacher.null_cond is None:  # an unconditional teacher
+        return None
+    if is_stream(dataset):
+        raise FewstepError("pairs need a map-style dataset for their conditions (not a stream); use prompts, digits, images")
+    n = len(dataset)
+    keys = ("class_labels", "prompt", *teacher.cond_keys)
+    if not any(k in dataset[0] for k in keys):
+        if "encoder_hidden_states" in teacher.cond_keys:
+            raise FewstepError(f"a text-conditioned teacher needs prompts for its pairs; the data gives {', '.join(dataset[0])}")
+        return None  # unconditional pairs from a model that could also take labels
+
+    def conditions(indices: list[int]) -> dict[str, Any]:
+        items = [dataset[i % n] for i in indices]
+        out: dict[str, Any] = {}
+        for k in keys:
+            if k in items[0] and k not in out:
+                vals = [it[k] for it in items]
+                out[k] = vals if isinstance(vals[0], str) else torch.stack([torch.as_tensor(v) for v in vals])
+        return out
+
+    return conditions
+
+
+def check_pairs(recipe: Recipe) -> None:
+    """The sections pair generation reads (teacher, schedule, data, pairs), checked without loading anything."""
+    _check_model(recipe.teacher, "teacher")
+    if recipe.teacher.kind == "none":
+        raise FewstepError("pairs need a teacher (teacher.kind is none)")
+    name, kw = _split(recipe.schedule)
+    check_kwargs(lookup(SCHEDULES, name, "schedule"), kw, "schedule")
+    if not recipe.data:
+        raise FewstepError("missing section data (with data.name): pairs take their conditions from it")
+    name, kw = _split(recipe.data)
+    check_kwargs(lookup(DATA, name, "data"), kw, "data")
+    lookup(SOLVERS, recipe.pairs.solver, "pairs.solver")
+
+
+def pairs_job(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None) -> dict[str, Any]:
+    """Keyword arguments for fewstep.pairs.generate_pairs from a recipe's teacher, data and pairs sections."""
+    check_pairs(recipe)
+    schedule, _ = _schedule_from(recipe)
+    teacher = build_model(recipe.teacher, "teacher", schedule, stage_outputs=stage_outputs, seed=recipe.train.seed)
+    cast_teacher(teacher, recipe.train.teacher_dtype)
+    dataset = build_data(recipe, stage_outputs)
+    p = recipe.pairs
+    return dict(teacher=teacher.denoiser, num=p.num, shard_size=p.shard_size, batch_size=p.batch_size, solver=p.solver,
+                steps=p.steps, guidance=p.guidance, spacing=p.spacing, seed=p.seed, shape=_sample_shape(teacher),
+                conditions=pair_conditions(dataset, teacher.denoiser), encode=make_prepare(teacher.pipeline),
+                teacher_name=_describe(recipe.teacher))

@@ -98,6 +98,25 @@ class EvalSection:
 
 
 @dataclass
+class PairsSection:
+    """Teacher pairs (noise, ODE endpoint, condition) for reflow (Liu et al. 2022): `fewstep pairs`, stage kind pairs.
+
+    Index i draws its noise from its own seed (``seed`` and i) and takes the condition of data item
+    i mod len(data); shards of ``shard_size`` indices are written atomically, so a resumed or
+    multi-process run writes every index exactly once.
+    """
+
+    num: int = 10_000
+    shard_size: int = 1000
+    batch_size: int = 256
+    solver: str = "ddim"
+    steps: int = 25
+    guidance: float | None = None
+    spacing: str | None = None
+    seed: int = 0
+
+
+@dataclass
 class LRSchedulerSection:
     name: str = "constant"
     warmup_steps: int = 0
@@ -121,6 +140,7 @@ class ModelSection:
     precondition: str = "none"
     mixture: dict[str, Any] = field(default_factory=lambda: {"name": "ring"})
     guidance: float | None = None
+    schedule: str | None = None  # "flow": reinterpret a VP teacher's copy as a rectified flow (InstaFlow)
 
 
 MODEL_KINDS = ("none", "unet2d", "mlp", "mixture", "pipeline", "pretrained", "classifier")
@@ -128,7 +148,7 @@ INITS = ("scratch", "teacher", "path")
 
 SECTIONS: dict[str, type] = {
     "train": TrainSection, "sample": SampleSection, "lora": LoraSection, "lr_scheduler": LRSchedulerSection,
-    "teacher": ModelSection, "student": ModelSection, "evaluation": EvalSection,
+    "teacher": ModelSection, "student": ModelSection, "evaluation": EvalSection, "pairs": PairsSection,
 }
 NAMED_SECTIONS = ("schedule", "loss", "data", "optimizer")
 TOP_KEYS = ("name", "description", "stages", "optimizers", *SECTIONS, *NAMED_SECTIONS)
@@ -251,6 +271,8 @@ class Recipe:
     optimizer: dict[str, Any]
     optimizers: dict[str, dict[str, Any]]
     stages: list[dict[str, Any]]
+    pairs: PairsSection = field(default_factory=PairsSection)
+    overrides: list[str] = field(default_factory=list)  # command-line overrides, re-applied to every stage
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.raw, sort_keys=False)
@@ -303,6 +325,12 @@ def validate(raw: dict[str, Any]) -> Recipe:
     optimizers = raw.get("optimizers") or {}
     if not isinstance(optimizers, dict):
         raise FewstepError(f"optimizers: expected a mapping of phase -> optimizer, got {optimizers!r}")
+    pairs = build_section(PairsSection, raw.get("pairs"), "pairs")
+    for key in ("num", "shard_size", "batch_size", "steps"):
+        if getattr(pairs, key) < 1:
+            raise FewstepError(f"pairs.{key} must be at least 1, got {getattr(pairs, key)}")
+    if student.schedule not in (None, "flow"):
+        raise FewstepError(f"unknown student.schedule {student.schedule!r}; valid: flow (or leave it unset)")
     stages = raw.get("stages") or []
     if not isinstance(stages, list) or not all(isinstance(s, dict) and "name" in s for s in stages):
         raise FewstepError("stages: expected a list of mappings, each with a name")
@@ -311,7 +339,7 @@ def validate(raw: dict[str, Any]) -> Recipe:
         lr_scheduler=build_section(LRSchedulerSection, raw.get("lr_scheduler"), "lr_scheduler"),
         teacher=teacher, student=student, schedule=_named(raw, "schedule", {"name": "vp"}),
         loss=_named(raw, "loss"), data=_named(raw, "data"), optimizer=_named(raw, "optimizer", {"name": "AdamW", "lr": 1e-4}),
-        optimizers=optimizers, stages=stages,
+        optimizers=optimizers, stages=stages, pairs=pairs,
     )
 
 
@@ -372,7 +400,9 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise FewstepError(f"{path} is not valid YAML{where}") from None
-    return validate(apply_overrides(raw, overrides or []))
+    recipe = validate(apply_overrides(raw, overrides or []))
+    recipe.overrides = list(overrides or [])
+    return recipe
 
 
 def differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

@@ -35,6 +35,31 @@ def diffusers_scheduler(schedule_spec: dict[str, Any], prediction_type: str):
     )
 
 
+def student_schedule_spec(student: Denoiser, recipe_spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec of the schedule the student runs on: the recipe's, unless the student was
+    reinterpreted as a rectified flow (InstaFlow) or loaded with a flow schedule."""
+    sch = getattr(student, "schedule", None)  # classifiers have none
+    if sch is not None and sch.kind == "flow" and recipe_spec.get("name", "vp") != "flow":
+        return {"name": "flow", "num_train_timesteps": sch.num_train_timesteps, "shift": sch.shift}
+    return recipe_spec
+
+
+def pipeline_scheduler(student: Denoiser, pipeline, solver: str):
+    """The diffusers scheduler a pipeline student is exported with, or None to keep the pipeline's.
+
+    A student reinterpreted as a rectified flow gets FlowMatchEulerDiscreteScheduler (its Euler step
+    is exactly fewstep's on the flow schedule).
+    """
+    if pipeline is None:
+        return None
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    current = pipeline.pipe.scheduler
+    if student.schedule.kind == "flow" and not type(current).__name__.startswith("FlowMatch"):
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=student.schedule.num_train_timesteps, shift=1.0)
+    return None
+
+
 def model_card(meta: dict[str, Any], recipe_yaml: str) -> str:
     s = meta["sampler"]
     guidance = "none" if s.get("guidance") is None else s["guidance"]
@@ -62,7 +87,7 @@ Sample it with `fewstep sample --model <this directory> --num 16 --seed 0 --out 
 
 
 def write_final(student: Denoiser, directory: Path, *, kind: str, meta: dict[str, Any], recipe_yaml: str,
-                schedule_spec: dict[str, Any] | None = None, pipeline=None) -> Path:
+                schedule_spec: dict[str, Any] | None = None, pipeline=None, scheduler=None) -> Path:
     """Write ``student`` and its metadata to ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     net = student.net
@@ -78,13 +103,16 @@ def write_final(student: Denoiser, directory: Path, *, kind: str, meta: dict[str
         if pipeline is None:
             raise FewstepError("exporting a pipeline student needs its pipeline")
         attr = "transformer" if pipeline.family == "sd3" else "unet"
-        original = getattr(pipeline.pipe, attr)
+        original, original_scheduler = getattr(pipeline.pipe, attr), pipeline.pipe.scheduler
         setattr(pipeline.pipe, attr, net)
+        if scheduler is not None:
+            pipeline.pipe.scheduler = scheduler
         try:
             pipeline.pipe.save_pretrained(directory, safe_serialization=True)
+            meta["scheduler"] = type(pipeline.pipe.scheduler).__name__
         finally:
             setattr(pipeline.pipe, attr, original)
-        meta["scheduler"] = type(pipeline.pipe.scheduler).__name__
+            pipeline.pipe.scheduler = original_scheduler
     else:
         component = "mlp" if kind == "mlp" else "unet"
         net.save_pretrained(directory / component, safe_serialization=True)
@@ -140,4 +168,4 @@ def _schedule_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
     return {"name": spec.pop("name", "vp"), **spec}
 
 
-__all__ = ["diffusers_scheduler", "load_final", "read_meta", "write_final"]
+__all__ = ["diffusers_scheduler", "load_final", "pipeline_scheduler", "read_meta", "student_schedule_spec", "write_final"]

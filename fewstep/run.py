@@ -14,13 +14,15 @@ from typing import Any, Callable
 
 import yaml
 
-from .config import Recipe, same_run, validate
+import torch
+
+from .config import RUN_LENGTH_KEYS, Recipe, apply_overrides, load_recipe, parse_override, same_run, validate
 from .errors import FewstepError
 from .io import write_text_atomic
 from .loop import Loop, LoopResult
 
-RUN_FILES = ("checkpoints", "final", "best", "samples", "log.jsonl", "recipe.yaml", ".final.tmp", ".best.tmp", "DONE")
-STAGE_KINDS = ("distill",)
+RUN_FILES = ("checkpoints", "final", "best", "samples", "log.jsonl", "recipe.yaml", ".final.tmp", ".best.tmp", "DONE", "pairs")
+STAGE_KINDS = ("distill", "pairs", "recipe")
 
 
 def prepare_run_dir(recipe: Recipe) -> Path:
@@ -66,8 +68,9 @@ def build_loop(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None, 
 
 
 def run_single(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None, log: Callable[[str], None] = print) -> LoopResult:
+    loop = build_loop(recipe, stage_outputs=stage_outputs, log=log)  # a recipe that cannot build leaves no trace
     prepare_run_dir(recipe)
-    result = build_loop(recipe, stage_outputs=stage_outputs, log=log).run()
+    result = loop.run()
     if result.status == "finished":
         (Path(recipe.train.output_dir) / "DONE").write_text(f"{result.step}\n")
     return result
@@ -81,8 +84,28 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def stage_recipes(recipe: Recipe) -> list[tuple[str, Recipe]]:
-    """Each stage as a full recipe: the base recipe with the stage's keys merged in, output in output_dir/NAME."""
+def merge_stage(base: dict[str, Any], stage: dict[str, Any]) -> dict[str, Any]:
+    """A stage's recipe: ``merge``, except that a section naming another ``name`` (loss, data, ...) or
+    ``kind`` (teacher, student) replaces the base's section instead of merging into it."""
+    base = dict(base)
+    for key, value in stage.items():
+        old = base.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            for tag in ("name", "kind"):
+                if tag in value and tag in old and value[tag] != old[tag]:
+                    base.pop(key)
+                    break
+    return merge(base, stage)
+
+
+def stage_recipes(recipe: Recipe) -> list[tuple[str, str, Recipe]]:
+    """Each stage as (name, kind, full recipe), output in output_dir/NAME.
+
+    Kinds: ``distill`` (the default) and ``pairs`` merge the stage's keys into the base recipe;
+    ``recipe`` runs another recipe (``recipe: NAME``) with the stage's other keys merged into it.
+    Command-line overrides change the base recipe (so a stage's own keys win over them), except
+    run-length keys (``train.max_steps``, ``train.resume``, ...), which apply to every stage.
+    """
     base = {k: v for k, v in recipe.raw.items() if k != "stages"}
     out = []
     for stage in recipe.stages:
@@ -91,12 +114,44 @@ def stage_recipes(recipe: Recipe) -> list[tuple[str, Recipe]]:
         kind = stage.pop("kind", "distill")
         if kind not in STAGE_KINDS:
             raise FewstepError(f"stage {name}: unknown kind {kind!r}; valid: {', '.join(STAGE_KINDS)}")
-        raw = merge(base, stage)
+        if kind == "recipe":
+            if "recipe" not in stage:
+                raise FewstepError(f"stage {name}: kind recipe needs recipe: NAME (see `fewstep ls`)")
+            other = load_recipe(str(stage.pop("recipe")))
+            raw = merge_stage(other.raw, stage)
+        else:
+            raw = merge_stage(base, stage)
+        raw = apply_overrides(raw, [o for o in recipe.overrides if parse_override(o)[0][:2] and
+                                    ".".join(parse_override(o)[0]) in RUN_LENGTH_KEYS])
         raw.setdefault("train", {})
         raw["train"] = {**raw["train"], "output_dir": str(Path(recipe.train.output_dir) / name)}
         raw["name"] = f"{recipe.name}/{name}"
-        out.append((name, validate(raw)))
+        sub = validate(raw)
+        out.append((name, "pairs" if kind == "pairs" else "distill", sub))
     return out
+
+
+def pairs_dir(output_dir: str | Path) -> Path:
+    """Where a run (or a pairs stage) keeps its pairs."""
+    return Path(output_dir) / "pairs"
+
+
+def run_pairs(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None, progress: bool = True,
+              log: Callable[[str], None] = print) -> Path:
+    """Generate (or finish) the recipe's pairs in output_dir/pairs, split across accelerate's processes."""
+    from accelerate import PartialState
+
+    from .builders import pairs_job
+    from .pairs import generate_pairs
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    job = pairs_job(recipe, stage_outputs=stage_outputs)
+    directory = pairs_dir(recipe.train.output_dir)
+    written = generate_pairs(directory=directory, rank=state.process_index, world_size=state.num_processes,
+                             device=state.device, progress=progress and state.is_main_process, **job)
+    state.wait_for_everyone()
+    log(f"fewstep: pairs in {directory} ({len(written)} shards written by process {state.process_index})")
+    return directory
 
 
 def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print) -> LoopResult:
@@ -106,13 +161,19 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print) -> LoopRes
     prepare_run_dir(recipe)
     outputs: dict[str, Path] = {}
     result = None
-    for name, sub in stage_recipes(recipe):
+    for name, kind, sub in stage_recipes(recipe):
         out = Path(sub.train.output_dir)
-        if (out / "DONE").exists() and (out / "final").is_dir():
+        if (out / "DONE").exists() and ((out / "final").is_dir() or kind == "pairs"):
             log(f"fewstep: stage {name} already finished, skipping")
             outputs[name] = out
             continue
         log(f"fewstep: stage {name}")
+        if kind == "pairs":
+            prepare_run_dir(sub)
+            run_pairs(sub, stage_outputs=outputs, progress=sub.train.progress, log=log)
+            (out / "DONE").write_text("pairs\n")
+            outputs[name] = out
+            continue
         result = run_single(sub, stage_outputs=outputs, log=log)
         outputs[name] = out
         if result.status != "finished":

@@ -3,15 +3,24 @@ import pytest
 import torch
 
 from fewstep.cli import main
-from fewstep.config import available_recipes
+from fewstep.config import available_recipes, load_recipe
+
+
+#: recipes whose teacher is a hub pipeline run against the tiny local pipeline of the same family
+TINY_FAMILY = {"sd15_": "sd", "sdxl_": "sdxl", "sd3_": "sd3"}
+SMOKE = ["train.max_steps=2", "train.batch_size=4", "train.progress=false", "train.sample_every=0", "sample.num=2",
+         "sample.steps=2", "pairs.num=8", "pairs.shard_size=4", "pairs.batch_size=4", "pairs.steps=2"]
 
 
 @pytest.mark.parametrize("name", sorted(available_recipes()))
-def test_recipe_smoke_runs_two_steps(name, tmp_path, capsys):
+def test_recipe_smoke_runs_two_steps(name, tmp_path, capsys, tiny_dirs):
     out = tmp_path / name
-    assert main(["distill", name, "train.max_steps=2", "train.batch_size=4", f"train.output_dir={out}",
-                 "train.progress=false", "train.sample_every=0", "sample.num=2", "sample.steps=2"]) == 0
-    assert (out / "final" / "fewstep.json").exists() and (out / "DONE").exists()
+    family = next((f for prefix, f in TINY_FAMILY.items() if name.startswith(prefix)), None)
+    tiny = [f"teacher.path={tiny_dirs[family]}"] if family else []
+    assert main(["distill", name, f"train.output_dir={out}", *SMOKE, *tiny]) == 0
+    recipe = load_recipe(name)
+    last = out / recipe.stages[-1]["name"] if recipe.stages else out
+    assert (last / "final" / "fewstep.json").exists() and (last / "DONE").exists()
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..builders import check_recipe
+from ..builders import check_pairs, check_recipe
 from ..config import load_recipe
 
 
@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if not recipe.stages:
         check_recipe(recipe)
-    for _, stage in stage_recipes(recipe):
-        check_recipe(stage)
+    for _, kind, stage in stage_recipes(recipe):
+        (check_pairs if kind == "pairs" else check_recipe)(stage)
     print(f"{args.recipe}: ok")
     return 0

@@ -3,8 +3,12 @@ from ..errors import lookup
 from .base import DistillationLoss, LossOutput
 from .classifier import ClassifierLoss
 from .diffusion import DiffusionLoss
+from .flow_distill import FlowDistillLoss
+from .reflow import ReflowLoss
 
-LOSSES: dict[str, type[DistillationLoss]] = {"diffusion": DiffusionLoss, "classifier": ClassifierLoss}
+LOSSES: dict[str, type[DistillationLoss]] = {
+    "diffusion": DiffusionLoss, "classifier": ClassifierLoss, "reflow": ReflowLoss, "flow_distill": FlowDistillLoss,
+}
 
 
 def loss_class(name: str) -> type[DistillationLoss]:
@@ -12,4 +16,5 @@ def loss_class(name: str) -> type[DistillationLoss]:
     return lookup(LOSSES, name, "loss")
 
 
-__all__ = ["ClassifierLoss", "DiffusionLoss", "DistillationLoss", "LOSSES", "LossOutput", "loss_class"]
+__all__ = ["ClassifierLoss", "DiffusionLoss", "DistillationLoss", "FlowDistillLoss", "LOSSES", "LossOutput", "ReflowLoss",
+           "loss_class"]
