@@ -9,7 +9,6 @@ from fewstep.denoisers import MixtureDenoiser, MLPDenoiser, MLPNet
 from fewstep.errors import FewstepError
 from fewstep.losses import FlowDistillLoss, ReflowLoss
 from fewstep.pairs import PairsDataset, generate_pairs, pair_noise, shard_name
-from fewstep.rng import SampleRNG
 from fewstep.schedules import FlowSchedule, VPSchedule
 
 
