@@ -19,6 +19,7 @@ import torch
 
 from fewstep.config import validate
 from fewstep.data.plan import BatchSource
+from fewstep.eval.latency import interleaved
 from fewstep.run import build_loop
 
 UNET = {"sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [32, 64], "layers_per_block": 1,
@@ -69,17 +70,7 @@ def main() -> None:
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in unet.parameters()], 1 - 0.999)
 
-    for _ in range(10):  # warm-up, not timed
-        loop.train_step(source)
-        bare_step()
-    t_loop, t_bare = [], []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        loop.train_step(source)
-        t_loop.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        bare_step()
-        t_bare.append(time.perf_counter() - start)
+    t_loop, t_bare = interleaved(lambda: loop.train_step(source), bare_step, steps=args.steps, warmup=10)
     m_loop, m_bare = statistics.median(t_loop), statistics.median(t_bare)
     print(f"tiny UNet2DModel ({sum(p.numel() for p in unet.parameters()):,} params), batch {args.batch}, "
           f"{args.steps} interleaved steps, torch {torch.__version__}, {torch.get_num_threads()} threads")

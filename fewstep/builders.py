@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +23,7 @@ from .solvers import SOLVERS, make_solver, sample
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: loss constructor arguments the builder supplies (from the models), never the recipe
-LOSS_INJECTED = ("teacher", "student", "schedule", "pipeline", "decoder", "fake_score", "discriminator")
+LOSS_INJECTED = ("teacher", "student", "schedule", "pipeline", "decoder", "fake_score", "discriminator", "sample_shape")
 
 
 # ----------------------------------------------------------------------------- data
@@ -208,6 +209,26 @@ def _wrap(net, kind: str, schedule: Schedule, prediction_type: str, spec: ModelS
     return UNetDenoiser(net, schedule, prediction_type, null_cond=null if null is not None else _null_for_unet(net))
 
 
+def with_guidance_embedding(unet, dim: int):
+    """A copy of a UNet2DConditionModel with LCM's guidance-scale embedding input (``time_cond_proj_dim``).
+
+    The new projection (time_embedding.cond_proj) starts at zero, so the copy computes exactly what
+    the original does until training moves it (Luo et al. 2023 add it the same way).
+    """
+    from diffusers import UNet2DConditionModel
+
+    if not isinstance(unet, UNet2DConditionModel):
+        raise FewstepError(f"student.guidance_embedding needs a UNet2DConditionModel (SD, SDXL); got {type(unet).__name__}")
+    if unet.config.time_cond_proj_dim is not None:
+        return unet
+    new = UNet2DConditionModel.from_config({**unet.config, "time_cond_proj_dim": int(dim)}).to(unet.dtype)
+    missing, unexpected = new.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("time_embedding.cond_proj") for k in missing):
+        raise FewstepError(f"cannot add a guidance embedding to this UNet (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    torch.nn.init.zeros_(new.time_embedding.cond_proj.weight)
+    return new
+
+
 def build_model(spec: ModelSection, key: str, schedule: Schedule, *, teacher: Model | None = None,
                 stage_outputs: dict[str, Path] | None = None, seed: int = 0) -> Model:
     stage_outputs = stage_outputs or {}
@@ -238,6 +259,8 @@ def build_model(spec: ModelSection, key: str, schedule: Schedule, *, teacher: Mo
         if spec.schedule == "flow" and sched.kind != "flow":
             # InstaFlow: the copy's output is read as the flow velocity u = z - x1 at t = 1000 s
             sched, ptype = FlowSchedule(sched.num_train_timesteps), "flow"
+        if spec.guidance_embedding:
+            net = with_guidance_embedding(net, spec.guidance_embedding)
         if teacher.pipeline is not None:
             cls = SD3Denoiser if teacher.pipeline.family == "sd3" else UNetDenoiser
             return Model(cls(net, sched, ptype, null_cond=t.null_cond), "pipeline", teacher.pipeline)
@@ -362,6 +385,8 @@ def build(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None) -> Bu
     cls = loss_class(name)
     kw = check_kwargs(cls, kw, "loss", skip=LOSS_INJECTED)
     if hasattr(cls, "build"):
+        if "sample_shape" in inspect.signature(cls.__init__).parameters:
+            kw["sample_shape"] = _sample_shape(student)
         loss = cls.build(teacher=teacher.denoiser, student=student.denoiser, schedule=schedule,
                          pipeline=student.pipeline or teacher.pipeline, **kw)
     else:
@@ -369,7 +394,9 @@ def build(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None) -> Bu
     dname = recipe.data["name"]
     dataset = build_data(recipe, stage_outputs)
     if "x0" in loss.needs and not is_stream(dataset) and "x0" not in dataset[0]:
-        raise FewstepError(f"loss {name} needs data with x0 (images, latents or vectors); data {dname} gives {', '.join(dataset[0])}")
+        why = getattr(loss, "needs_why", "")
+        raise FewstepError(f"loss {name} needs data with x0 (images, latents or vectors){why}; data {dname} gives "
+                           f"{', '.join(dataset[0])}")
     optimizers = {}
     for phase in loss.phases:
         merged = {**recipe.optimizer, **(recipe.optimizers.get(phase) or {})}

@@ -141,6 +141,7 @@ class ModelSection:
     mixture: dict[str, Any] = field(default_factory=lambda: {"name": "ring"})
     guidance: float | None = None
     schedule: str | None = None  # "flow": reinterpret a VP teacher's copy as a rectified flow (InstaFlow)
+    guidance_embedding: int | None = None  # LCM: add a w-embedding input of this width (256) to a UNet2DConditionModel copy
 
 
 MODEL_KINDS = ("none", "unet2d", "mlp", "mixture", "pipeline", "pretrained", "classifier")

@@ -48,13 +48,17 @@ def pipeline_scheduler(student: Denoiser, pipeline, solver: str):
     """The diffusers scheduler a pipeline student is exported with, or None to keep the pipeline's.
 
     A student reinterpreted as a rectified flow gets FlowMatchEulerDiscreteScheduler (its Euler step
-    is exactly fewstep's on the flow schedule).
+    is exactly fewstep's on the flow schedule); a VP consistency student gets LCMScheduler (its step
+    is fewstep's consistency sampler with lcm spacing).
     """
     if pipeline is None:
         return None
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler
 
     current = pipeline.pipe.scheduler
+    if solver == "consistency" and student.schedule.kind == "vp":
+        return LCMScheduler.from_config(current.config, timestep_scaling=10.0, original_inference_steps=50,
+                                        prediction_type=student.prediction_type)
     if student.schedule.kind == "flow" and not type(current).__name__.startswith("FlowMatch"):
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=student.schedule.num_train_timesteps, shift=1.0)
     return None

@@ -91,6 +91,9 @@ def trainable(module: nn.Module) -> dict[str, Tensor]:
     return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
 
+SHARED_KEYS = ("loss", "lr", "grad_norm")
+
+
 class _Stop:
     """SIGINT/SIGTERM set a flag; the loop checkpoints and exits at the end of the step."""
 
@@ -391,22 +394,28 @@ class Loop:
         bar = tqdm(total=s.max_steps, initial=self.step, desc="distill", disable=not (s.progress and self.acc.is_main_process),
                    dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
         acc_logs: dict[str, float] = {}
+        acc_counts: dict[str, int] = {}
         count, window_start = 0, time.monotonic()
         with _Stop() as stop:
             while self.step < s.max_steps:
                 logs = self.train_step(source)
                 count += 1
                 for k, v in logs.items():
-                    if k != "phase":
-                        acc_logs[k] = acc_logs.get(k, 0.0) + v
+                    if k == "phase":
+                        continue
+                    # multi-phase losses: a phase's own value is averaged over the steps that logged it,
+                    # and the shared keys (loss, lr, grad_norm) also per phase, as phase/key
+                    for key in (k, f"{logs['phase']}/{k}") if len(self.loss.phases) > 1 and k in SHARED_KEYS else (k,):
+                        acc_logs[key] = acc_logs.get(key, 0.0) + v
+                        acc_counts[key] = acc_counts.get(key, 0) + 1
                 bar.update(1)
                 if self.step % s.log_every == 0 or self.step == s.max_steps:
                     now = time.monotonic()
                     row = {"step": self.step, "phase": logs["phase"], "it_s": count / max(now - window_start, 1e-9),
-                           **{k: float(v) / count for k, v in acc_logs.items()}}
+                           **{k: float(v) / acc_counts[k] for k, v in acc_logs.items()}}
                     bar.set_postfix(loss=f"{row['loss']:.4g}", refresh=False)
                     self._write_log(row)
-                    acc_logs, count, window_start = {}, 0, now
+                    acc_logs, acc_counts, count, window_start = {}, {}, 0, now
                 if s.sample_every and self.step % s.sample_every == 0:
                     self._samples()
                 if s.eval_every and self.step % s.eval_every == 0:

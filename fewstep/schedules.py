@@ -185,8 +185,10 @@ class VPSchedule(Schedule):
         T = self.num_train_timesteps
         if not 1 <= num_steps <= T:
             raise FewstepError(f"num_steps must be in 1..{T}, got {num_steps}")
-        spacing = check_choice(spacing or self.timestep_spacing, TIMESTEP_SPACINGS, "timestep spacing")
-        if spacing == "leading":
+        spacing = check_choice(spacing or self.timestep_spacing, (*TIMESTEP_SPACINGS, "lcm"), "timestep spacing")
+        if spacing == "lcm":
+            ts = lcm_timesteps(num_steps, T)
+        elif spacing == "leading":
             ratio = T // num_steps
             ts = (np.arange(0, num_steps) * ratio).round()[::-1] + self.steps_offset
         elif spacing == "trailing":
@@ -230,9 +232,11 @@ class FlowSchedule(Schedule):
         """Timesteps as diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps computes them (static shift)."""
         if num_steps < 1:
             raise FewstepError(f"num_steps must be at least 1, got {num_steps}")
-        if spacing not in (None, "linspace"):
-            raise FewstepError(f"unknown timestep spacing {spacing!r} for a flow schedule; valid: linspace")
+        if spacing not in (None, "linspace", "lcm"):
+            raise FewstepError(f"unknown timestep spacing {spacing!r} for a flow schedule; valid: linspace, lcm")
         T = self.num_train_timesteps
+        if spacing == "lcm":  # the skipping-step grid in flow time t = 1000 s (consistency students)
+            return torch.tensor(lcm_timesteps(num_steps, T), dtype=torch.float64)
         s_min = float(self.shifted(np.array(1.0 / T)))
         s = self.shifted(np.linspace(1.0, s_min, num_steps))
         return torch.tensor(s * T, dtype=torch.float64)
@@ -246,6 +250,17 @@ class FlowSchedule(Schedule):
 
 
 # ----------------------------------------------------------------------------- beta tables
+def lcm_timesteps(num_steps: int, num_train_timesteps: int = 1000, original_steps: int = 50) -> np.ndarray:
+    """LCM's sampling timesteps (Luo et al. 2023; diffusers' LCMScheduler.set_timesteps): ``num_steps``
+    points of the skipping-step grid t_n = (n + 1) T / N - 1, evenly spaced from the noise end."""
+    if not 1 <= num_steps <= original_steps:
+        raise FewstepError(f"num_steps must be in 1..{original_steps} for lcm spacing, got {num_steps}")
+    k = num_train_timesteps // original_steps
+    origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]
+    idx = np.floor(np.linspace(0, len(origin), num=num_steps, endpoint=False)).astype(np.int64)
+    return origin[idx].astype(np.float64)
+
+
 def make_betas(beta_schedule: str, beta_start: float, beta_end: float, num_train_timesteps: int) -> np.ndarray:
     """Beta tables as diffusers defines them (float64 here)."""
     T = num_train_timesteps

@@ -38,14 +38,20 @@ class DDIM:
 
     def step(self, denoiser, x, t, t_next, cond=None, state=None, *, guidance=None):
         x0, eps = denoiser.predict(x, t, cond, guidance=guidance)
-        a, s = denoiser.schedule.coefficients(t, x)
-        a2, s2 = denoiser.schedule.coefficients(t_next, x)
-        if self.eta == 0:
-            return (a2 * x0 + s2 * eps).to(x.dtype), state
-        s_eta = self.eta * ((s2**2 / s**2) * (1 - a**2 / a2**2)).clamp_min(0).sqrt()
-        z = torch.randn(x.shape, generator=self.generator, dtype=torch.float32).to(x.device)
-        x_next = a2 * x0 + (s2**2 - s_eta**2).clamp_min(0).sqrt() * eps + s_eta * z
-        return x_next.to(x.dtype), state
+        z = None
+        if self.eta > 0:
+            z = torch.randn(x.shape, generator=self.generator, dtype=torch.float32).to(x.device)
+        return ddim_update(denoiser.schedule, x0, eps, t, t_next, eta=self.eta, z=z).to(x.dtype), state
+
+
+def ddim_update(schedule, x0: Tensor, eps: Tensor, t, t_next, *, eta: float = 0.0, z: Tensor | None = None) -> Tensor:
+    """One DDIM step from the prediction (x0, eps) at t to t_next (float32); ``z`` is the noise when eta > 0."""
+    a, s = schedule.coefficients(t, x0)
+    a2, s2 = schedule.coefficients(t_next, x0)
+    if eta == 0:
+        return a2 * x0 + s2 * eps
+    s_eta = eta * ((s2**2 / s**2) * (1 - a**2 / a2**2)).clamp_min(0).sqrt()
+    return a2 * x0 + (s2**2 - s_eta**2).clamp_min(0).sqrt() * eps + s_eta * z
 
 
 class Euler:
@@ -111,11 +117,51 @@ class DPMSolverPP2M:
         return x_next.to(x.dtype), {"x0": x0, "h": h}
 
 
-SOLVERS = {"ddim": DDIM, "euler": Euler, "heun": Heun, "dpmpp_2m": DPMSolverPP2M}
+class Consistency:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1; LCMScheduler): x0 = f(x, t), then
+    re-noise to the next timestep with fresh noise from ``generator``; the last step returns f(x, t).
+    Use it with ``spacing: lcm`` (LCM's timesteps) or ``trailing`` (999, 749, 499, 249 for four)."""
+
+    order = 1
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
+
+    def step(self, denoiser, x, t, t_next, cond=None, state=None, *, guidance=None):
+        from .consistency import consistency_function
+
+        x0 = consistency_function(denoiser, x, t, cond, guidance=guidance)
+        a2, s2 = denoiser.schedule.coefficients(t_next, x)
+        if bool((s2 == 0).all()) or float(torch.as_tensor(t_next).reshape(-1)[0]) == denoiser.schedule.t_clean:
+            return x0.to(x.dtype), state
+        z = torch.randn(x.shape, generator=self.generator, dtype=torch.float32).to(x.device)
+        return (a2 * x0 + s2 * z).to(x.dtype), state
+
+
+class Renoise:
+    """DMD2's k-step sampler: x0 = G(x, t) (the denoiser's x0 prediction), then re-noise to the next
+    timestep with fresh noise; one step is x0 at the top timestep. With ``spacing: trailing`` four steps
+    are 999, 749, 499, 249."""
+
+    order = 1
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
+
+    def step(self, denoiser, x, t, t_next, cond=None, state=None, *, guidance=None):
+        x0 = denoiser(x, t, cond, guidance=guidance)
+        if float(torch.as_tensor(t_next).reshape(-1)[0]) == denoiser.schedule.t_clean:
+            return x0.to(x.dtype), state
+        a2, s2 = denoiser.schedule.coefficients(t_next, x)
+        z = torch.randn(x.shape, generator=self.generator, dtype=torch.float32).to(x.device)
+        return (a2 * x0 + s2 * z).to(x.dtype), state
+
+
+SOLVERS = {"ddim": DDIM, "euler": Euler, "heun": Heun, "dpmpp_2m": DPMSolverPP2M, "consistency": Consistency, "renoise": Renoise}
 
 
 def make_solver(name: str, **kwargs: Any) -> Solver:
-    """A solver by name: ddim, euler, heun or dpmpp_2m."""
+    """A solver by name: ddim, euler, heun, dpmpp_2m, consistency or renoise."""
     return lookup(SOLVERS, name, "solver")(**kwargs)
 
 

@@ -17,3 +17,11 @@ def tiny_dirs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny")
     return {fam: save_tiny_pipeline(fam, root / fam) for fam in ("sd", "sdxl", "sd3")}
+
+
+@pytest.fixture(scope="session")
+def captioned_dir(tmp_path_factory):
+    """A captioned image folder (real sklearn digits, RGB) at the tiny pipelines' image size."""
+    from fewstep.testing.tiny import save_captioned_digits
+
+    return save_captioned_digits(tmp_path_factory.mktemp("captioned") / "images")

@@ -4,6 +4,7 @@ import torch
 
 from fewstep.cli import main
 from fewstep.config import available_recipes, load_recipe
+from fewstep.testing.tiny import TINY_RESOLUTION
 
 
 #: recipes whose teacher is a hub pipeline run against the tiny local pipeline of the same family
@@ -13,12 +14,14 @@ SMOKE = ["train.max_steps=2", "train.batch_size=4", "train.progress=false", "tra
 
 
 @pytest.mark.parametrize("name", sorted(available_recipes()))
-def test_recipe_smoke_runs_two_steps(name, tmp_path, capsys, tiny_dirs):
+def test_recipe_smoke_runs_two_steps(name, tmp_path, capsys, tiny_dirs, captioned_dir):
     out = tmp_path / name
+    recipe = load_recipe(name)
     family = next((f for prefix, f in TINY_FAMILY.items() if name.startswith(prefix)), None)
     tiny = [f"teacher.path={tiny_dirs[family]}"] if family else []
+    if family and recipe.data.get("name") == "images":  # real captioned images at the tiny pipelines' size
+        tiny += [f"data.root={captioned_dir}", f"data.resolution={TINY_RESOLUTION}"]
     assert main(["distill", name, f"train.output_dir={out}", *SMOKE, *tiny]) == 0
-    recipe = load_recipe(name)
     last = out / recipe.stages[-1]["name"] if recipe.stages else out
     assert (last / "final" / "fewstep.json").exists() and (last / "DONE").exists()
 

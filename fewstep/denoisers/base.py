@@ -89,6 +89,14 @@ class Denoiser(nn.Module):
         """The network's parameter dtype (its first parameter's; cheaper than diffusers' ``.dtype``)."""
         return next(self.net.parameters()).dtype
 
+    def _call(self, x_t: Tensor, t: Tensor, cond: Cond | None, timestep_cond: Tensor | None) -> Tensor:
+        """``network_output``; a half-precision network (a teacher in train.teacher_dtype) runs outside
+        autocast, which on CPU would otherwise mix its fp16 weights with bf16 activations."""
+        if hasattr(self, "net") and torch.is_autocast_enabled(x_t.device.type) and self.net_dtype in (torch.float16, torch.bfloat16):
+            with torch.autocast(x_t.device.type, enabled=False):
+                return self.network_output(x_t, t, cond, timestep_cond)
+        return self.network_output(x_t, t, cond, timestep_cond)
+
     # ------------------------------------------------------------------ to implement
     def network_output(self, x_t: Tensor, t: Tensor, cond: Cond | None, timestep_cond: Tensor | None) -> Tensor:
         """The network's raw output for a batch (any dtype); ``t`` is fewstep time, shape (B,)."""
@@ -119,18 +127,18 @@ class Denoiser(nn.Module):
         if self.guidance_embedding_dim is not None:
             w = _batch(1.0 if guidance is None else guidance, n, x_t.device).float()
             emb = guidance_embedding(w - 1.0, self.guidance_embedding_dim)
-            return self.network_output(x_t, t, cond, emb).float()
+            return self._call(x_t, t, cond, emb).float()
         if guidance is None:
-            return self.network_output(x_t, t, cond, None).float()
+            return self._call(x_t, t, cond, None).float()
         w = _batch(guidance, n, x_t.device).float()
         if bool((w == 1).all()):
-            return self.network_output(x_t, t, cond, None).float()
+            return self._call(x_t, t, cond, None).float()
         if cond is None:
             raise FewstepError("classifier-free guidance needs a condition (cond is None)")
         uncond = uncond if uncond is not None else self.null_cond
         if uncond is None:
             raise FewstepError(f"{type(self).__name__} has no null condition; set null_cond to use guidance")
-        both = self.network_output(torch.cat([x_t, x_t]), torch.cat([t, t]), _stack_cond(uncond, cond, n), None)
+        both = self._call(torch.cat([x_t, x_t]), torch.cat([t, t]), _stack_cond(uncond, cond, n), None)
         pred_u, pred_c = both.float().chunk(2)
         w = w.reshape(-1, *([1] * (x_t.ndim - 1)))
         return pred_u + w * (pred_c - pred_u)

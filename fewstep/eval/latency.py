@@ -56,3 +56,19 @@ def measure(run: Callable[[PartTimer], None], *, warmup: int = 3, repeats: int =
            "repeats": repeats, "warmup": warmup}
     out.update({f"{p}_s": statistics.median(parts[p]) for p in PARTS})
     return out
+
+
+def interleaved(first: Callable[[], None], second: Callable[[], None], *, steps: int, warmup: int = 5) -> tuple[list[float], list[float]]:
+    """Time ``first`` and ``second`` alternately (so machine noise hits both); seconds per call, warm-up excluded."""
+    for _ in range(warmup):
+        first()
+        second()
+    a, b = [], []
+    for _ in range(steps):
+        for fn, out in ((first, a), (second, b)):
+            _sync()
+            start = time.perf_counter()
+            fn()
+            _sync()
+            out.append(time.perf_counter() - start)
+    return a, b

@@ -2,12 +2,15 @@
 from ..errors import lookup
 from .base import DistillationLoss, LossOutput
 from .classifier import ClassifierLoss
+from .consistency import ConsistencyDistillationLoss
 from .diffusion import DiffusionLoss
+from .fdivergence import FDivergenceLoss
 from .flow_distill import FlowDistillLoss
 from .reflow import ReflowLoss
 
 LOSSES: dict[str, type[DistillationLoss]] = {
     "diffusion": DiffusionLoss, "classifier": ClassifierLoss, "reflow": ReflowLoss, "flow_distill": FlowDistillLoss,
+    "consistency": ConsistencyDistillationLoss, "fdistill": FDivergenceLoss,
 }
 
 
@@ -16,5 +19,5 @@ def loss_class(name: str) -> type[DistillationLoss]:
     return lookup(LOSSES, name, "loss")
 
 
-__all__ = ["ClassifierLoss", "DiffusionLoss", "DistillationLoss", "FlowDistillLoss", "LOSSES", "LossOutput", "ReflowLoss",
+__all__ = ["ClassifierLoss", "ConsistencyDistillationLoss", "DiffusionLoss", "DistillationLoss", "FDivergenceLoss", "FlowDistillLoss", "LOSSES", "LossOutput", "ReflowLoss",
            "loss_class"]

@@ -113,3 +113,22 @@ def save_tiny_pipeline(family: str, path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     build_tiny_pipeline(family, path.parent / f".{path.name}-tok", seed).save_pretrained(path)
     return path
+
+
+TINY_RESOLUTION = 2 * SAMPLE_SIZE  # image side the tiny pipelines' VAE maps to SAMPLE_SIZE latents
+
+
+def save_captioned_digits(path: str | Path, num: int = 16, resolution: int = TINY_RESOLUTION) -> Path:
+    """A captioned image folder of real data: sklearn digits as RGB PNGs with "a handwritten digit N" sidecars."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    d = load_digits()
+    for i in range(num):
+        img = (d.images[i] / 16.0 * 255).astype(np.uint8)
+        Image.fromarray(img).convert("RGB").resize((resolution, resolution), Image.NEAREST).save(path / f"{i:04d}.png")
+        (path / f"{i:04d}.txt").write_text(f"a handwritten digit {d.target[i]}")
+    return path

@@ -1,0 +1,90 @@
+"""Discriminators on noisy samples (x_t, t), for the adversarial consistency variant and f-distill's
+density ratio on toy and small image models. Logits, shape (B,).
+
+Vectors: an MLP on [x_t, sinusoidal(t)]. Images: a small conv net whose channels get a projection of
+the time embedding. Class-conditional models: a projection term <embed(y), h> (Miyato & Koyama 2018).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def time_features(t: Tensor, dim: int = 32, T: float = 1000.0) -> Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = (t.float().reshape(-1, 1) / T * 1000.0) * freqs
+    return torch.cat([args.sin(), args.cos()], 1)
+
+
+class XTDiscriminator(nn.Module):
+    """D(x_t, t[, y]) -> logit."""
+
+    def __init__(self, shape: Sequence[int], *, width: int = 128, num_classes: int = 0, time_dim: int = 32) -> None:
+        super().__init__()
+        self.shape, self.time_dim = tuple(shape), time_dim
+        if len(self.shape) == 1:
+            self.body = nn.Sequential(nn.Linear(self.shape[0] + time_dim, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU())
+            self.film = None
+        else:
+            c = self.shape[0]
+            self.body = nn.Sequential(
+                nn.Conv2d(c, width // 2, 3, padding=1), nn.SiLU(),
+                nn.Conv2d(width // 2, width, 3, stride=2, padding=1), nn.SiLU(),
+                nn.Conv2d(width, width, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            )
+            self.film = nn.Linear(time_dim, width)
+        self.head = nn.Linear(width, 1)
+        self.embed = nn.Embedding(num_classes + 1, width) if num_classes else None
+
+    @classmethod
+    def for_denoiser(cls, den, **kwargs) -> "XTDiscriminator":
+        """A discriminator shaped for a denoiser's samples (MLPNet: vectors; UNets: images)."""
+        cfg = den.net.config
+        if hasattr(cfg, "dim"):
+            shape = (cfg.dim,)
+            classes = getattr(cfg, "num_classes", 0) or 0
+        else:
+            size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+            shape = (cfg.in_channels, size, size)
+            classes = (getattr(cfg, "num_class_embeds", None) or 1) - 1
+        return cls(shape, num_classes=max(classes, 0), **kwargs)
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
+        emb = time_features(t.to(x_t.device), self.time_dim)
+        if self.film is None:
+            h = self.body(torch.cat([x_t.float(), emb], 1))
+        else:
+            h = self.body(x_t.float()) + self.film(emb)
+        out = self.head(h).squeeze(1)
+        labels = (cond or {}).get("class_labels")
+        if self.embed is not None and labels is not None:
+            out = out + (self.embed(labels.long()) * h).sum(1)
+        return out
+
+
+class FeatureDiscriminator(nn.Module):
+    """A head on a frozen UNet's mid-block features at (x_t, t, c) (DMD2 puts its classifier on the fake
+    score's bottleneck; fewstep uses the frozen teacher's, so the features do not drift). The UNet is not a
+    submodule: only the head is trained and checkpointed; gradients still flow through it to x_t."""
+
+    def __init__(self, denoiser, *, width: int = 128) -> None:
+        super().__init__()
+        object.__setattr__(self, "_den", denoiser)
+        channels = denoiser.net.config.block_out_channels[-1]
+        self.head = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 1),
+        )
+        self._features: Tensor | None = None
+        denoiser.net.mid_block.register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output) -> None:
+        self._features = output[0] if isinstance(output, tuple) else output
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
+        self._den.native(x_t, t, cond)
+        feats, self._features = self._features, None
+        return self.head(feats.float()).squeeze(1)

@@ -1,0 +1,259 @@
+"""f-divergence distribution matching (f-distill, Xu et al. 2025); DMD / DMD2 (Yin et al. 2024) is its
+reverse-KL member.
+
+Three phases, cycled as [fake_score] * fake_updates + [discriminator] * discriminator_updates + [generator]
+(the two time-scale update rule of DMD2):
+
+- fake_score: ordinary denoising loss of the fake score on detached generator samples.
+- discriminator: non-saturating GAN loss, softplus(-D(real_t)) + softplus(D(fake_t)), on noisy samples.
+- generator: the distribution-matching loss, plus ``gan_weight`` softplus(-D(fake_t)).
+
+Distribution-matching gradient for a generator sample x, t ~ U[t_min, t_max] T, x_t = alpha x + sigma eps:
+    grad = (x0_fake - x0_real) * w,   w = h(r) / mean_batch(h(r)) / mean|x - x0_real|   (per sample)
+    loss_dm = 0.5 * mean((x - stopgrad(x - grad))^2)
+Reduction: the mean over batch and elements (DMD2, FastGen), so d loss_dm / dx = grad / numel(x);
+a sum would give exactly grad. r = p_data / q_theta from the discriminator: r = exp(clamp(logit, -10, 10))
+clipped to [0.1, 20], optionally divided by a running mean per timestep bin. With h = 1 (reverse-KL)
+this is DMD's loss (tested).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import FewstepError, lookup
+from ..rng import SampleRNG
+from .base import DistillationLoss, LossOutput
+
+#: h(r) = r^2 f''(r) for each divergence (f-distill, Table 1)
+WEIGHTINGS = {
+    "reverse_kl": lambda r: torch.ones_like(r),
+    "forward_kl": lambda r: r,
+    "jensen_shannon": lambda r: r / (1 + r),
+    "squared_hellinger": lambda r: r.sqrt(),
+    "neyman_chi2": lambda r: 1 / r,
+    "jeffreys": lambda r: 1 + r,
+    "softened": lambda r: 1 / (1 + r),
+}
+
+
+def density_ratio(logits: Tensor, clip: tuple[float, float] = (0.1, 20.0)) -> Tensor:
+    """r = exp(clamp(logit, -10, 10)) clipped to ``clip`` (the discriminator's estimate of p_data / q)."""
+    return logits.float().clamp(-10, 10).exp().clamp(*clip)
+
+
+def dm_loss(x: Tensor, x0_real: Tensor, x0_fake: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(loss, grad): DMD's distribution-matching loss with per-sample weights h (normalized by their mean)."""
+    dims = tuple(range(1, x.ndim))
+    shape = (-1, *([1] * (x.ndim - 1)))
+    with torch.no_grad():
+        w = 1.0 / (x.float() - x0_real).abs().mean(dims, keepdim=True).clamp_min(1e-8)
+        if h is not None:
+            w = w * (h / h.mean()).reshape(shape)
+        grad = (x0_fake - x0_real) * w
+        target = x.float() - grad
+    return 0.5 * F.mse_loss(x.float(), target), grad
+
+
+class FDivergenceLoss(DistillationLoss):
+    """f-distill / DMD2 for one-step (or k-step, backward-simulated) generators.
+
+    Args:
+        divergence: reverse_kl (DMD), forward_kl, jensen_shannon, squared_hellinger, neyman_chi2, jeffreys, softened.
+        guidance: the teacher's CFG weight for the real score (diffusers' convention; SD 1.5 ~1.75).
+        fake_updates, discriminator_updates: updates per generator update (TTUR; DMD2: 10 for SD 1.5, 5 SDXL).
+        gan_weight: weight of the generator's GAN term (f-distill needs > 0 unless reverse_kl; DMD2 SD1.5 ~1e-3).
+        t_min, t_max: fractions of T for the distribution-matching timesteps (0.02, 0.98).
+        steps: k generator steps (1: one step at t = T - 1; 4: DMD2's 999, 749, 499, 249, trained by
+            backward simulation: inputs come from the student's own sampler).
+        ratio_bins: > 0 divides r by its running mean in that many timestep bins (momentum ``ratio_momentum``).
+        regression_weight: weight of an L2 regression of G(noise) onto teacher pairs (data name pairs), a warm-up.
+    """
+
+    phases = ("fake_score", "discriminator", "generator")
+
+    def __init__(self, *, fake_score: Any = None, discriminator: nn.Module | None = None, divergence: str = "reverse_kl",
+                 guidance: float | None = None, fake_updates: int = 5, discriminator_updates: int = 1,
+                 gan_weight: float = 0.0, t_min: float = 0.02, t_max: float = 0.98, steps: int = 1,
+                 ratio_bins: int = 0, ratio_momentum: float = 0.99, regression_weight: float = 0.0,
+                 sample_shape: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
+        self.divergence = divergence
+        self.h = lookup(WEIGHTINGS, divergence, "divergence")
+        if fake_score is None:
+            raise FewstepError("f-divergence distillation needs a fake score network")
+        self.fake_score = fake_score
+        self.guidance = guidance
+        if fake_updates < 1 or discriminator_updates < 0 or steps < 1:
+            raise FewstepError("fake_updates and steps must be >= 1, discriminator_updates >= 0")
+        if not 0.0 <= t_min < t_max <= 1.0:
+            raise FewstepError(f"need 0 <= t_min < t_max <= 1, got {t_min}, {t_max}")
+        if gan_weight < 0 or regression_weight < 0:
+            raise FewstepError("gan_weight and regression_weight must be >= 0")
+        self.uses_ratio = divergence != "reverse_kl"
+        self.needs_discriminator = self.uses_ratio or gan_weight > 0
+        if self.needs_discriminator and discriminator is None:
+            raise FewstepError(f"divergence {divergence} (or gan_weight > 0) needs a discriminator")
+        if self.uses_ratio and gan_weight == 0:
+            raise FewstepError(f"divergence {divergence} needs gan_weight > 0 (f-distill: the GAN term keeps the "
+                               "ratio estimate meaningful); only reverse_kl may run without it")
+        self.discriminator = discriminator if self.needs_discriminator else None
+        self.fake_updates, self.discriminator_updates = fake_updates, discriminator_updates if self.needs_discriminator else 0
+        self.gan_weight, self.t_min, self.t_max, self.steps = gan_weight, t_min, t_max, steps
+        self.regression_weight = regression_weight
+        self.needs = ("x0",) if self.needs_discriminator or regression_weight > 0 else ("cond",)
+        self.needs_why = (f" for its discriminator (divergence {divergence}, gan_weight {gan_weight}; only reverse_kl "
+                          "with gan_weight 0 runs on prompts alone)") if self.needs_discriminator else ""
+        self.phases = ("fake_score", "generator") if not self.needs_discriminator else ("fake_score", "discriminator", "generator")
+        self.cycle = ["fake_score"] * fake_updates + ["discriminator"] * self.discriminator_updates + ["generator"]
+        self.ratio_bins, self.ratio_momentum = ratio_bins, ratio_momentum
+        self.register_buffer("ratio_mean", torch.ones(max(ratio_bins, 1)))
+
+    @classmethod
+    def build(cls, *, teacher=None, student=None, schedule=None, pipeline=None, fake_score_config: dict | None = None,
+              **kwargs: Any) -> "FDivergenceLoss":
+        """The fake score: a full copy of the teacher's network (a small MLP from scratch for weightless
+        teachers); the discriminator: a head on the teacher's features, or on (x_t, t) for toy teachers."""
+        from ..discriminators import FeatureDiscriminator, XTDiscriminator
+
+        if teacher is None:
+            raise FewstepError("f-divergence distillation needs a teacher (teacher.kind is none)")
+        if hasattr(teacher, "net"):
+            fake = copy.deepcopy(teacher).float().requires_grad_(True)
+            fake.net.requires_grad_(True)
+        else:  # the analytic mixture: a fresh network shaped like the student
+            fake = copy.deepcopy(student)
+            for m in fake.net.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+            fake.requires_grad_(True)
+        disc = None
+        if kwargs.get("divergence", "reverse_kl") != "reverse_kl" or kwargs.get("gan_weight", 0.0) > 0:
+            if hasattr(teacher, "net") and hasattr(teacher.net, "mid_block"):
+                disc = FeatureDiscriminator(teacher)
+            else:
+                disc = XTDiscriminator.for_denoiser(student)
+        return cls(fake_score=fake, discriminator=disc, **kwargs)
+
+    # ------------------------------------------------------------------ protocol
+    def modules_to_train(self) -> dict[str, nn.Module]:
+        mods: dict[str, nn.Module] = {"fake_score": self.fake_score.net}
+        if self.discriminator is not None:
+            mods["discriminator"] = self.discriminator
+        return mods
+
+    def phase_modules(self, phase: str) -> tuple[str, ...]:
+        return {"fake_score": ("fake_score",), "discriminator": ("discriminator",), "generator": ("student",)}[phase]
+
+    def phase_for(self, step: int) -> str:
+        return self.cycle[step % len(self.cycle)]
+
+    # ------------------------------------------------------------------ pieces
+    def _t_dm(self, rng: SampleRNG, T: int) -> Tensor:
+        lo, hi = int(self.t_min * T), int(self.t_max * T)
+        return rng.randint(lo, hi + 1).double()
+
+    def generate(self, student, z: Tensor, cond, rng: SampleRNG, grad: bool) -> Tensor:
+        """x = G(z): one step at the top timestep, or k steps with re-noising (backward simulation: the
+        first j steps without grad, j ~ U{0..k-1} per sample, then one step with grad)."""
+        sch = student.schedule
+        grid = sch.sampling_grid(self.steps, "trailing" if sch.kind == "vp" else None)
+        ts = grid[:-1]
+        B = z.shape[0]
+        if self.steps == 1:
+            with torch.set_grad_enabled(grad):
+                return student(z, ts[0].expand(B), cond)
+        j = rng.randint(0, self.steps)
+        renoise = [rng.randn(*z.shape[1:]) for _ in range(self.steps - 1)]
+        x, inputs = z, [z]
+        with torch.no_grad():
+            for i in range(self.steps - 1):
+                x0 = student(x, ts[i].expand(B), cond)
+                x = sch.add_noise(x0, renoise[i], ts[i + 1].expand(B))
+                inputs.append(x)
+        stacked = torch.stack(inputs)  # (k, B, ...)
+        x_j = stacked[j, torch.arange(B)]
+        with torch.set_grad_enabled(grad):
+            return student(x_j, ts[j].to(z.device), cond)
+
+    def _ratio(self, logits: Tensor, t: Tensor, T: int) -> Tensor:
+        r = density_ratio(logits)
+        if self.ratio_bins > 0:
+            bins = (t.float() / T * self.ratio_bins).long().clamp(0, self.ratio_bins - 1).to(r.device)
+            if self.training:
+                with torch.no_grad():
+                    for b in bins.unique():
+                        m = r[bins == b].mean()
+                        self.ratio_mean[b] = self.ratio_momentum * self.ratio_mean[b] + (1 - self.ratio_momentum) * m
+            r = r / self.ratio_mean[bins]
+        return r
+
+    def forward(self, phase, batch, student, teacher):
+        ref = batch["x0"] if "x0" in batch else None
+        rng = SampleRNG(batch["seeds"], next(student.net.parameters()).device)
+        shape = self.sample_shape if ref is None else tuple(ref.shape[1:])
+        z = batch["noise"].float() if "noise" in batch else rng.randn(*shape)
+        eps = rng.randn(*shape)
+        T = student.schedule.num_train_timesteps
+        t = self._t_dm(rng, T)
+        cond = {k: batch[k] for k in student.cond_keys if k in batch} or None
+        dev = z.device
+        if phase == "fake_score":
+            x = self.generate(student, z, cond, rng, grad=False).detach()
+            x_t = student.schedule.add_noise(x, eps, t)
+            pred = self.fake_score.native(x_t, t, cond)
+            loss = F.mse_loss(pred, self.fake_score.native_target(x, eps, t))
+            return LossOutput(loss, {"loss": loss.detach(), "fake_score_loss": loss.detach()})
+        if phase == "discriminator":
+            x = self.generate(student, z, cond, rng, grad=False).detach()
+            real_t = student.schedule.add_noise(ref.float(), eps, t)
+            fake_t = student.schedule.add_noise(x, eps, t)
+            d_real, d_fake = self.discriminator(real_t, t, cond), self.discriminator(fake_t, t, cond)
+            loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+            acc = 0.5 * ((d_real > 0).float().mean() + (d_fake < 0).float().mean())
+            return LossOutput(loss, {"loss": loss.detach(), "disc_loss": loss.detach(), "disc_accuracy": acc.detach()})
+        # generator
+        x = self.generate(student, z, cond, rng, grad=True)
+        x_t = student.schedule.add_noise(x, eps, t)
+        logs: dict[str, Any] = {}
+        with torch.no_grad():
+            guided = self.guidance if (cond is not None and teacher.null_cond is not None) else None
+            x0_real = teacher(x_t, t, cond, guidance=guided)
+            x0_fake = self.fake_score(x_t, t, cond)
+            h = None
+            if self.uses_ratio:
+                r = self._ratio(self.discriminator(x_t, t, cond), t, T)
+                h = self.h(r)
+                logs.update(r_mean=r.mean(), r_max=r.max(), h_mean=h.mean(), h_max=h.max())
+        loss, grad = dm_loss(x, x0_real, x0_fake, h)
+        logs["dm_loss"] = loss.detach()
+        logs["dm_grad_norm"] = grad.flatten(1).norm(dim=1).mean()
+        if self.gan_weight > 0:
+            g = F.softplus(-self.discriminator(x_t, t, cond)).mean()
+            loss = loss + self.gan_weight * g
+            logs["gan_generator"] = g.detach()
+        if self.regression_weight > 0:
+            if "noise" not in batch:
+                raise FewstepError("regression_weight > 0 needs teacher pairs (data.name: pairs)")
+            reg = F.mse_loss(x.float(), ref.float().to(dev))
+            loss = loss + self.regression_weight * reg
+            logs["regression"] = reg.detach()
+        logs["loss"] = loss.detach()
+        return LossOutput(loss, logs)
+
+    # ------------------------------------------------------------------ state
+    def extra_state(self) -> dict[str, Tensor]:
+        return {"ratio_mean": self.ratio_mean.detach().clone()} if self.ratio_bins > 0 else {}
+
+    def load_extra_state(self, state: dict[str, Tensor]) -> None:
+        if self.ratio_bins > 0:
+            if "ratio_mean" not in state:
+                raise FewstepError("checkpoint has no ratio bins but loss.ratio_bins > 0")
+            self.ratio_mean.copy_(state["ratio_mean"])
+        elif state:
+            super().load_extra_state(state)

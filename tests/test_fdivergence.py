@@ -1,0 +1,114 @@
+"""f-divergence distribution matching: DMD equivalence at h = 1, the h(r) family, phases, ratio bins."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fewstep.data.mixtures import make_mixture
+from fewstep.denoisers import MixtureDenoiser, MLPDenoiser, MLPNet
+from fewstep.discriminators import XTDiscriminator
+from fewstep.errors import FewstepError
+from fewstep.losses import FDivergenceLoss
+from fewstep.losses.fdivergence import WEIGHTINGS, density_ratio, dm_loss
+from fewstep.schedules import VPSchedule
+
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
+
+
+def _dmd_reference(x, x0_real, x0_fake):
+    """DMD2's generator loss written out independently (Yin et al. 2024, their public formula)."""
+    p_real = x - x0_real
+    p_fake = x - x0_fake
+    grad = (p_real - p_fake) / p_real.abs().mean(dim=list(range(1, x.ndim)), keepdim=True)
+    return 0.5 * F.mse_loss(x, (x - grad).detach(), reduction="mean")
+
+
+@pytest.mark.parametrize("shape", [(6, 2), (3, 4, 5, 5)])
+def test_reverse_kl_equals_dmd_loss_and_gradient(shape):
+    torch.manual_seed(0)
+    x0_real, x0_fake = torch.randn(shape), torch.randn(shape)
+    x1 = torch.randn(shape, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    ours, _ = dm_loss(x1, x0_real, x0_fake, WEIGHTINGS["reverse_kl"](torch.rand(shape[0]) + 0.5))
+    ref = _dmd_reference(x2, x0_real, x0_fake)
+    assert torch.allclose(ours, ref, rtol=1e-6)
+    ours.backward()
+    ref.backward()
+    assert torch.allclose(x1.grad, x2.grad, rtol=1e-5, atol=1e-8)
+    # the documented reduction: d loss / dx = grad / numel
+    _, grad = dm_loss(x1.detach(), x0_real, x0_fake)
+    assert torch.allclose(x1.grad, grad / x1.numel(), rtol=1e-5, atol=1e-9)
+
+
+def test_h_weights_scale_each_sample_by_h_over_its_batch_mean():
+    torch.manual_seed(1)
+    x, x0_real, x0_fake = torch.randn(5, 3), torch.randn(5, 3), torch.randn(5, 3)
+    r = density_ratio(torch.tensor([-12.0, -1.0, 0.0, 2.0, 30.0]))
+    assert torch.allclose(r, torch.tensor([0.1, torch.e**-1, 1.0, torch.e**2, 20.0]))  # clamp, exp, clip
+    for name, h_fn in WEIGHTINGS.items():
+        h = h_fn(r)
+        _, g = dm_loss(x, x0_real, x0_fake, h)
+        _, g1 = dm_loss(x, x0_real, x0_fake)
+        assert torch.allclose(g, g1 * (h / h.mean())[:, None], rtol=1e-5), name
+    expected = {"forward_kl": r, "jensen_shannon": r / (1 + r), "squared_hellinger": r.sqrt(), "neyman_chi2": 1 / r,
+                "jeffreys": 1 + r, "softened": 1 / (1 + r)}
+    for name, v in expected.items():
+        assert torch.allclose(WEIGHTINGS[name](r), v)
+
+
+def _setup(divergence="jensen_shannon", **kw):
+    sch = VPSchedule.from_betas(**SD)
+    teacher = MixtureDenoiser(make_mixture("ring"), sch)
+    torch.manual_seed(0)
+    student = MLPDenoiser(MLPNet(dim=2, hidden=32, depth=2, num_classes=0), sch, precondition="edm")
+    loss = FDivergenceLoss.build(teacher=teacher, student=student, schedule=sch, divergence=divergence,
+                                 gan_weight=kw.pop("gan_weight", 0.01), sample_shape=(2,), **kw)
+    return teacher, student, loss
+
+
+def test_phases_cycle_and_train_their_own_modules():
+    teacher, student, loss = _setup(fake_updates=2)
+    assert [loss.phase_for(i) for i in range(8)] == ["fake_score", "fake_score", "discriminator", "generator"] * 2
+    assert set(loss.modules_to_train()) == {"fake_score", "discriminator"}
+    batch = {"x0": make_mixture("ring").sample(16), "seeds": torch.arange(16)}
+    for phase, owner in (("fake_score", loss.fake_score.net), ("discriminator", loss.discriminator), ("generator", student.net)):
+        for m in (loss.fake_score.net, loss.discriminator, student.net):
+            m.zero_grad(set_to_none=True)
+        out = loss(phase, batch, student, teacher)
+        out.loss.backward()
+        assert all(p.grad is not None for p in owner.parameters()), phase
+        if phase != "generator":
+            assert all(p.grad is None for p in student.net.parameters()), phase
+    assert {"r_mean", "h_mean", "dm_grad_norm", "gan_generator"} <= set(out.logs)
+
+
+def test_fake_score_is_a_fresh_network_for_a_weightless_teacher():
+    teacher, student, loss = _setup("reverse_kl", gan_weight=0.0)
+    assert loss.phases == ("fake_score", "generator") and loss.needs == ("cond",)
+    assert loss.fake_score.net is not student.net
+    assert not all(torch.equal(a, b) for a, b in zip(loss.fake_score.net.parameters(), student.net.parameters()))
+
+
+def test_bad_settings_are_refused_with_the_valid_names():
+    with pytest.raises(FewstepError, match="unknown divergence .jensen_shanon.; valid: forward_kl, jeffreys, jensen_shannon"):
+        _setup("jensen_shanon")
+    with pytest.raises(FewstepError, match="needs gan_weight > 0"):
+        _setup("forward_kl", gan_weight=0.0)
+
+
+def test_ratio_bins_are_running_means_and_checkpoint():
+    teacher, student, loss = _setup(ratio_bins=4, ratio_momentum=0.5)
+    r = loss._ratio(torch.zeros(4), torch.tensor([0.0, 300.0, 600.0, 900.0]), 1000)  # logit 0: r = 1 everywhere
+    assert torch.allclose(loss.ratio_mean, torch.ones(4))
+    loss._ratio(torch.full((4,), 2.0), torch.tensor([0.0, 300.0, 600.0, 900.0]), 1000)
+    assert torch.allclose(loss.ratio_mean, torch.full((4,), 0.5 + 0.5 * torch.e**2))
+    state = loss.extra_state()
+    _, _, other = _setup(ratio_bins=4)
+    other.load_extra_state(state)
+    assert torch.equal(other.ratio_mean, loss.ratio_mean)
+    assert torch.equal(r, torch.ones(4))
+
+
+def test_xt_discriminator_shapes():
+    d = XTDiscriminator((1, 8, 8), num_classes=10)
+    out = d(torch.randn(3, 1, 8, 8), torch.tensor([1.0, 500.0, 999.0]), {"class_labels": torch.tensor([0, 5, 10])})
+    assert out.shape == (3,)
