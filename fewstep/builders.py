@@ -332,7 +332,7 @@ def make_sample_fn(model: Model, *, solver: str, steps: int, guidance: float | N
         device = next(iter(den.parameters()), torch.zeros(())).device
         x = torch.randn(num, *shape, generator=g).to(device)
         cond = cycling_conditions(den, lp, num, prompts=prompts if lp is not None else None, device=device)
-        out = sample(den, make_solver(solver), x, den.schedule.sampling_grid(steps, spacing), cond,
+        out = sample(den, make_solver(solver, seed=seed + 1), x, den.schedule.sampling_grid(steps, spacing), cond,
                      guidance=guidance if cond is not None else None)
         if lp is not None:
             with torch.no_grad():

@@ -49,7 +49,8 @@ def pipeline_scheduler(student: Denoiser, pipeline, solver: str):
 
     A student reinterpreted as a rectified flow gets FlowMatchEulerDiscreteScheduler (its Euler step
     is exactly fewstep's on the flow schedule); a VP consistency student gets LCMScheduler (its step
-    is fewstep's consistency sampler with lcm spacing).
+    is fewstep's consistency sampler with lcm spacing); a VP renoise (DMD2) student gets LCMScheduler
+    with c_skip = 0, to be called with DMD2's timesteps (docs/fdistill.md).
     """
     if pipeline is None:
         return None
@@ -58,6 +59,11 @@ def pipeline_scheduler(student: Denoiser, pipeline, solver: str):
     current = pipeline.pipe.scheduler
     if solver == "consistency" and student.schedule.kind == "vp":
         return LCMScheduler.from_config(current.config, timestep_scaling=10.0, original_inference_steps=50,
+                                        prediction_type=student.prediction_type)
+    if solver == "renoise" and student.schedule.kind == "vp":
+        # DMD2's sampler is LCMScheduler's step with c_skip = 0, c_out = 1: a huge timestep_scaling gives
+        # exactly that in float32 (c_skip ~ 1e-19)
+        return LCMScheduler.from_config(current.config, timestep_scaling=1.0e6, original_inference_steps=50,
                                         prediction_type=student.prediction_type)
     if student.schedule.kind == "flow" and not type(current).__name__.startswith("FlowMatch"):
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=student.schedule.num_train_timesteps, shift=1.0)

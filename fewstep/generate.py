@@ -61,7 +61,7 @@ class Generator:
         cond = self.conditions(num, class_label=class_label, prompts=prompts)
         x = torch.randn(num, *self.meta["sample_shape"], generator=torch.Generator().manual_seed(seed))
         g = guidance if guidance is not None else s.get("guidance")
-        out = sample(self.denoiser, make_solver(solver or s["solver"]), x,
+        out = sample(self.denoiser, make_solver(solver or s["solver"], seed=seed + 1), x,
                      self.denoiser.schedule.sampling_grid(steps or s["steps"], s.get("spacing")), cond,
                      guidance=g if cond is not None else None, progress=progress)
         if self.pipeline is not None:

@@ -7,6 +7,8 @@ with its scaling and shift factors.
 """
 from __future__ import annotations
 
+import contextlib
+
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +165,21 @@ class LoadedPipeline:
         return directory
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """No per-component loading bars from diffusers/transformers (fewstep's own output stays readable)."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.enable_progress_bar()
+        tlog.enable_progress_bar()
+
+
 def load_pipeline(name: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                   variant: str | None = None) -> LoadedPipeline:
     """Load an SD 1.x/2.x, SDXL or SD3 pipeline from a local directory or hub id."""
@@ -185,7 +202,8 @@ def load_pipeline(name: str, *, dtype: torch.dtype = torch.float32, device: str 
             if not (isinstance(config.get(key), list) and config[key][0]):
                 extra[key] = None
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, variant=variant, **extra)
+        with _quiet_loading():
+            pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, variant=variant, **extra)
     except OSError as e:
         raise FewstepError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
     pipe.to(device)

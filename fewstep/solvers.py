@@ -5,6 +5,7 @@ so it runs on any schedule and parameterization. Grids come from ``Schedule.samp
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Protocol
 
 import torch
@@ -160,9 +161,13 @@ class Renoise:
 SOLVERS = {"ddim": DDIM, "euler": Euler, "heun": Heun, "dpmpp_2m": DPMSolverPP2M, "consistency": Consistency, "renoise": Renoise}
 
 
-def make_solver(name: str, **kwargs: Any) -> Solver:
-    """A solver by name: ddim, euler, heun, dpmpp_2m, consistency or renoise."""
-    return lookup(SOLVERS, name, "solver")(**kwargs)
+def make_solver(name: str, *, seed: int | None = None, **kwargs: Any) -> Solver:
+    """A solver by name: ddim, euler, heun, dpmpp_2m, consistency or renoise. ``seed`` seeds the noise of
+    the solvers that draw any (ddim with eta, consistency, renoise), so their samples are reproducible."""
+    cls = lookup(SOLVERS, name, "solver")
+    if seed is not None and "generator" in inspect.signature(cls.__init__).parameters and "generator" not in kwargs:
+        kwargs["generator"] = torch.Generator().manual_seed(seed)
+    return cls(**kwargs)
 
 
 @torch.no_grad()

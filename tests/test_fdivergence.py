@@ -112,3 +112,54 @@ def test_xt_discriminator_shapes():
     d = XTDiscriminator((1, 8, 8), num_classes=10)
     out = d(torch.randn(3, 1, 8, 8), torch.tensor([1.0, 500.0, 999.0]), {"class_labels": torch.tensor([0, 5, 10])})
     assert out.shape == (3,)
+
+
+def test_sd_dmd_student_exports_to_plain_diffusers(tmp_path, tiny_dirs):
+    """A reverse-KL SD student runs on prompts alone; exported with LCMScheduler (c_skip = 0) its one-step
+    image in plain diffusers equals fewstep's own sample."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    from fewstep.builders import build
+    from fewstep.config import validate
+    from fewstep.generate import Generator
+
+    recipe = validate({
+        "name": "t", "teacher": {"kind": "pipeline", "path": str(tiny_dirs["sd"])},
+        "student": {"kind": "pipeline", "init": "teacher"},
+        "loss": {"name": "fdistill", "divergence": "reverse_kl", "guidance": 1.75}, "data": {"name": "prompts"},
+        "sample": {"solver": "renoise", "spacing": "trailing", "steps": 1},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "progress": False},
+    })
+    b = build(recipe)
+    assert b.loss.needs == ("cond",) and b.loss.phases == ("fake_score", "generator")
+    batch = {**b.prepare({"prompt": ["a cat", "a dog"]}), "seeds": torch.arange(2)}
+    out = b.loss("generator", batch, b.student.denoiser, b.teacher.denoiser)
+    assert torch.isfinite(out.loss)
+    final = tmp_path / "final"
+    b.export(b.student.denoiser, final)
+    ours = Generator.load(str(final))(1, seed=0, prompts=["a red bicycle"])
+    pipe = StableDiffusionPipeline.from_pretrained(final)
+    assert isinstance(pipe.scheduler, LCMScheduler)
+    size = pipe.unet.config.sample_size
+    latents = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(0))
+    image = pipe("a red bicycle", num_inference_steps=1, guidance_scale=1.0, latents=latents, output_type="pt").images
+    assert torch.allclose(ours, image * 2 - 1, atol=1e-4)
+    four = pipe("a red bicycle", timesteps=[999, 749, 499, 249], guidance_scale=1.0, output_type="pt").images
+    assert torch.isfinite(four).all()
+
+
+def test_divergences_other_than_reverse_kl_refuse_prompt_only_data(tmp_path, tiny_dirs, capsys):
+    import yaml
+
+    from fewstep.cli import main
+    from fewstep.config import load_recipe
+
+    raw = load_recipe("sd15_fdistill_js").raw
+    raw.update(data={"name": "prompts"}, teacher={"kind": "pipeline", "path": str(tiny_dirs["sd"])})
+    raw["train"]["output_dir"] = str(tmp_path / "x")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    code = main(["distill", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "needs data with x0" in err[0] and "for its discriminator" in err[0], err
+    assert not (tmp_path / "x").exists()
