@@ -25,3 +25,21 @@ def captioned_dir(tmp_path_factory):
     from fewstep.testing.tiny import save_captioned_digits
 
     return save_captioned_digits(tmp_path_factory.mktemp("captioned") / "images")
+
+
+@pytest.fixture
+def plain_one_step():
+    """plain_one_step(final, prompt, guidance) -> (pipe, image in [-1, 1]): an exported SD pipeline's own
+    one-step sample in plain diffusers, from seed-0 latents."""
+
+    def plain_diffusers_one_step(final, prompt: str, guidance: float):
+        """(pipe, image in [-1, 1]): the exported SD pipeline's own one-step sample from seed-0 latents."""
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(final)
+        size = pipe.unet.config.sample_size
+        latents = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(0))
+        image = pipe(prompt, num_inference_steps=1, guidance_scale=guidance, latents=latents, output_type="pt").images
+        return pipe, image * 2 - 1
+
+    return plain_diffusers_one_step
