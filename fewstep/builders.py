@@ -35,11 +35,12 @@ def digits_data(resolution: int = 8, classes: list[int] | None = None) -> ArrayD
     return ArrayDataset({"x0": ds.images, "class_labels": ds.labels})
 
 
-def mixture_data(name: str = "ring", size: int = 100_000, seed: int = 0, conditional: bool = False, **kwargs: Any) -> ArrayDataset:
-    """``size`` fixed samples of a named mixture (and their mode as class_labels when ``conditional``)."""
+def mixture_data(mixture: str = "ring", size: int = 100_000, seed: int = 0, conditional: bool = False, **kwargs: Any) -> ArrayDataset:
+    """``size`` fixed samples of the named ``mixture`` (ring, imbalanced_ring, random; plus its arguments),
+    with their mode as class_labels when ``conditional``."""
     from .data.mixtures import make_mixture
 
-    m = make_mixture(name, **kwargs)
+    m = make_mixture(mixture, **kwargs)
     x, k = m.sample(size, torch.Generator().manual_seed(seed), return_components=True)
     return ArrayDataset({"x0": x, "class_labels": k} if conditional else {"x0": x})
 
