@@ -27,7 +27,7 @@ def test_demo_refuses_to_overwrite(capsys, tmp_path):
 
 def test_bad_input_is_one_line_and_exit_2(capsys):
     for argv, expected in [
-        (["demo", "--solver", "rk4"], "valid: ddim, dpmpp_2m, euler, heun"),
+        (["demo", "--solver", "rk4"], "valid: consistency, ddim, dpmpp_2m, euler, heun, renoise"),
         (["demo", "--mixture", "moons"], "valid: imbalanced_ring, random, ring"),
         (["demo", "--steps", "4,x"], "comma-separated integers"),
         (["demo", "--steps", "0"], ">= 1"),
@@ -42,4 +42,4 @@ def test_bad_input_is_one_line_and_exit_2(capsys):
 def test_entry_point_runs_in_a_real_interpreter():
     r = subprocess.run([sys.executable, "-m", "fewstep.cli", "demo", "--solver", "rk4"], capture_output=True, text=True)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1] == "fewstep: error: unknown solver 'rk4'; valid: ddim, dpmpp_2m, euler, heun"
+    assert r.stderr.strip().splitlines()[-1] == "fewstep: error: unknown solver 'rk4'; valid: consistency, ddim, dpmpp_2m, euler, heun, renoise"

@@ -125,5 +125,5 @@ def test_reference_mixture_sw2_with_50_ddim_steps():
 
 
 def test_unknown_solver():
-    with pytest.raises(FewstepError, match="valid: ddim, dpmpp_2m, euler, heun"):
+    with pytest.raises(FewstepError, match="valid: consistency, ddim, dpmpp_2m, euler, heun, renoise"):
         make_solver("rk4")
