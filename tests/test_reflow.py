@@ -203,3 +203,18 @@ def test_sd_reflow_student_exports_and_runs_in_plain_diffusers(tmp_path, tiny_di
         image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
     # ---
     assert torch.allclose(ours, image.clamp(-1, 1), atol=1e-5)
+
+
+def test_flow_distill_decode_compares_decoded_images():
+    """decode=true: the distance is taken after the (differentiable) decoder, on both sides."""
+    student = _flow_student(3)
+    z, x1 = torch.randn(4, 2), torch.randn(4, 2)
+    decoder = lambda v: torch.tanh(3 * v) + v  # noqa: E731 — a stand-in for the VAE decoder
+    loss = FlowDistillLoss(decode=True, decoder=decoder)("student", {"x0": x1, "noise": z, "seeds": torch.arange(4)},
+                                                         student, None).loss
+    x1_hat = z - student.net(z, torch.ones(4))
+    assert torch.allclose(loss, ((decoder(x1_hat) - decoder(x1)) ** 2).mean(), atol=1e-6)
+    loss.backward()
+    assert all(p.grad is not None for p in student.net.parameters())
+    with pytest.raises(FewstepError, match="decode=true needs a latent model"):
+        FlowDistillLoss(decode=True)
