@@ -160,3 +160,46 @@ def test_divergences_other_than_reverse_kl_refuse_prompt_only_data(tmp_path, tin
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "needs data with x0" in err[0] and "for its discriminator" in err[0], err
     assert not (tmp_path / "x").exists()
+
+
+def test_resume_restores_fake_score_discriminator_optimizers_and_ratio_bins(tmp_path):
+    """Killed mid-cycle and resumed, an f-distill run ends with every checkpointed group bit-identical
+    to an uninterrupted run: generator, fake score, discriminator, their optimizers and the ratio bins."""
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    from fewstep.checkpoint import checkpoint_dirs
+    from fewstep.config import validate
+    from fewstep.run import build_loop, prepare_run_dir, run_recipe
+
+    def raw(out, **train):
+        return {
+            "name": "fd", "schedule": {"name": "vp"}, "teacher": {"kind": "mixture"},
+            "student": {"kind": "mlp", "config": {"dim": 2, "hidden": 16, "depth": 2, "num_classes": 0}, "precondition": "edm"},
+            "loss": {"name": "fdistill", "divergence": "jensen_shannon", "gan_weight": 0.01, "fake_updates": 2, "ratio_bins": 4},
+            "data": {"name": "mixture", "size": 500}, "optimizer": {"name": "AdamW", "lr": 0.001},
+            "sample": {"solver": "renoise", "spacing": "trailing", "steps": 1, "num": 8},
+            "train": {"output_dir": str(out), "max_steps": 12, "batch_size": 16, "checkpoint_every": 5, "progress": False,
+                      **train},
+        }
+
+    assert run_recipe(validate(raw(tmp_path / "ref")), log=lambda m: None).status == "finished"
+    killed = validate(raw(tmp_path / "killed", eval_every=7))
+    prepare_run_dir(killed)
+
+    def kill(student, step):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+    assert build_loop(killed, evaluate=kill, log=lambda m: None).run().step == 7
+    assert run_recipe(validate(raw(tmp_path / "killed")), log=lambda m: None).status == "finished"
+    a, b = (checkpoint_dirs(tmp_path / d / "checkpoints")[-1] for d in ("ref", "killed"))
+    names = sorted(p.name for p in a.glob("*.safetensors"))
+    assert {"module.fake_score.safetensors", "module.discriminator.safetensors", "loss_state.safetensors",
+            "optim.fake_score.safetensors", "optim.discriminator.safetensors", "optim.generator.safetensors"} <= set(names)
+    for name in names:
+        fa, fb = load_file(str(a / name)), load_file(str(b / name))
+        assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa), name
+    assert not torch.equal(load_file(str(a / "loss_state.safetensors"))["ratio_mean"], torch.ones(4))
