@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import FewstepError, lookup
+from ..errors import FewstepError, check_choice, lookup
 from ..rng import SampleRNG
 from .base import DistillationLoss, LossOutput
 
@@ -72,6 +72,8 @@ class FDivergenceLoss(DistillationLoss):
             backward simulation: inputs come from the student's own sampler).
         ratio_bins: > 0 divides r by its running mean in that many timestep bins (momentum ``ratio_momentum``).
         regression_weight: weight of an L2 regression of G(noise) onto teacher pairs (data name pairs), a warm-up.
+        fake_init: weightless teachers only: the fake score starts from "scratch" or as a copy of the "student"
+            (which starts as a trained denoiser).
     """
 
     phases = ("fake_score", "discriminator", "generator")
@@ -80,8 +82,9 @@ class FDivergenceLoss(DistillationLoss):
                  guidance: float | None = None, fake_updates: int = 5, discriminator_updates: int = 1,
                  gan_weight: float = 0.0, t_min: float = 0.02, t_max: float = 0.98, steps: int = 1,
                  ratio_bins: int = 0, ratio_momentum: float = 0.99, regression_weight: float = 0.0,
-                 sample_shape: tuple[int, ...] | None = None) -> None:
+                 sample_shape: tuple[int, ...] | None = None, fake_init: str = "scratch") -> None:
         super().__init__()
+        self.fake_init = check_choice(fake_init, ("scratch", "student"), "fake_init")
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
         self.divergence = divergence
         self.h = lookup(WEIGHTINGS, divergence, "divergence")
@@ -126,11 +129,12 @@ class FDivergenceLoss(DistillationLoss):
         if hasattr(teacher, "net"):
             fake = copy.deepcopy(teacher).float().requires_grad_(True)
             fake.net.requires_grad_(True)
-        else:  # the analytic mixture: a fresh network shaped like the student
+        else:  # the analytic mixture: a network shaped like the student, fresh or a copy of the student
             fake = copy.deepcopy(student)
-            for m in fake.net.modules():
-                if hasattr(m, "reset_parameters"):
-                    m.reset_parameters()
+            if kwargs.get("fake_init", "scratch") == "scratch":
+                for m in fake.net.modules():
+                    if hasattr(m, "reset_parameters"):
+                        m.reset_parameters()
             fake.requires_grad_(True)
         disc = None
         if kwargs.get("divergence", "reverse_kl") != "reverse_kl" or kwargs.get("gan_weight", 0.0) > 0:
