@@ -107,6 +107,7 @@ def stage_recipes(recipe: Recipe) -> list[tuple[str, str, Recipe]]:
     run-length keys (``train.max_steps``, ``train.resume``, ...), which apply to every stage.
     """
     base = {k: v for k, v in recipe.raw.items() if k != "stages"}
+    run_length = [o for o in recipe.overrides if ".".join(parse_override(o)[0]) in RUN_LENGTH_KEYS]
     out = []
     for stage in recipe.stages:
         stage = dict(stage)
@@ -121,14 +122,20 @@ def stage_recipes(recipe: Recipe) -> list[tuple[str, str, Recipe]]:
             raw = merge_stage(other.raw, stage)
         else:
             raw = merge_stage(base, stage)
-        raw = apply_overrides(raw, [o for o in recipe.overrides if parse_override(o)[0][:2] and
-                                    ".".join(parse_override(o)[0]) in RUN_LENGTH_KEYS])
+        raw = apply_overrides(raw, run_length)
         raw.setdefault("train", {})
         raw["train"] = {**raw["train"], "output_dir": str(Path(recipe.train.output_dir) / name)}
         raw["name"] = f"{recipe.name}/{name}"
         sub = validate(raw)
         out.append((name, "pairs" if kind == "pairs" else "distill", sub))
     return out
+
+
+def run_pairs_stage(recipe: Recipe, *, stage_outputs: dict[str, Path], log: Callable[[str], None] = print) -> None:
+    """A stage of kind pairs: its run directory, its pairs, then its DONE marker."""
+    prepare_run_dir(recipe)
+    run_pairs(recipe, stage_outputs=stage_outputs, progress=recipe.train.progress, log=log)
+    (Path(recipe.train.output_dir) / "DONE").write_text("pairs\n")
 
 
 def pairs_dir(output_dir: str | Path) -> Path:
@@ -169,9 +176,7 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print) -> LoopRes
             continue
         log(f"fewstep: stage {name}")
         if kind == "pairs":
-            prepare_run_dir(sub)
-            run_pairs(sub, stage_outputs=outputs, progress=sub.train.progress, log=log)
-            (out / "DONE").write_text("pairs\n")
+            run_pairs_stage(sub, stage_outputs=outputs, log=log)
             outputs[name] = out
             continue
         result = run_single(sub, stage_outputs=outputs, log=log)

@@ -128,34 +128,27 @@ class Consistency:
     def __init__(self, generator: torch.Generator | None = None) -> None:
         self.generator = generator
 
-    def step(self, denoiser, x, t, t_next, cond=None, state=None, *, guidance=None):
+    def x0(self, denoiser, x, t, cond, guidance) -> Tensor:
         from .consistency import consistency_function
 
-        x0 = consistency_function(denoiser, x, t, cond, guidance=guidance)
-        a2, s2 = denoiser.schedule.coefficients(t_next, x)
-        if bool((s2 == 0).all()) or float(torch.as_tensor(t_next).reshape(-1)[0]) == denoiser.schedule.t_clean:
-            return x0.to(x.dtype), state
-        z = torch.randn(x.shape, generator=self.generator, dtype=torch.float32).to(x.device)
-        return (a2 * x0 + s2 * z).to(x.dtype), state
-
-
-class Renoise:
-    """DMD2's k-step sampler: x0 = G(x, t) (the denoiser's x0 prediction), then re-noise to the next
-    timestep with fresh noise; one step is x0 at the top timestep. With ``spacing: trailing`` four steps
-    are 999, 749, 499, 249."""
-
-    order = 1
-
-    def __init__(self, generator: torch.Generator | None = None) -> None:
-        self.generator = generator
+        return consistency_function(denoiser, x, t, cond, guidance=guidance)
 
     def step(self, denoiser, x, t, t_next, cond=None, state=None, *, guidance=None):
-        x0 = denoiser(x, t, cond, guidance=guidance)
+        x0 = self.x0(denoiser, x, t, cond, guidance)
         if float(torch.as_tensor(t_next).reshape(-1)[0]) == denoiser.schedule.t_clean:
             return x0.to(x.dtype), state
         a2, s2 = denoiser.schedule.coefficients(t_next, x)
         z = torch.randn(x.shape, generator=self.generator, dtype=torch.float32).to(x.device)
         return (a2 * x0 + s2 * z).to(x.dtype), state
+
+
+class Renoise(Consistency):
+    """DMD2's k-step sampler: x0 = G(x, t) (the denoiser's x0 prediction, no boundary coefficients), then
+    re-noise to the next timestep with fresh noise; one step is x0 at the top timestep. With
+    ``spacing: trailing`` four steps are 999, 749, 499, 249."""
+
+    def x0(self, denoiser, x, t, cond, guidance) -> Tensor:
+        return denoiser(x, t, cond, guidance=guidance)
 
 
 SOLVERS = {"ddim": DDIM, "euler": Euler, "heun": Heun, "dpmpp_2m": DPMSolverPP2M, "consistency": Consistency, "renoise": Renoise}

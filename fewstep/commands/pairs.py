@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..run import prepare_run_dir, run_pairs, stage_recipes
+    from ..run import prepare_run_dir, run_pairs, run_pairs_stage, stage_recipes
 
     recipe = load_recipe(args.recipe, args.overrides)
     if not recipe.stages:
@@ -38,9 +38,7 @@ def run(args: argparse.Namespace) -> int:
     outputs: dict[str, Path] = {}
     for stage_name, _, sub in stages:
         if stage_name == name:
-            prepare_run_dir(sub)
-            run_pairs(sub, stage_outputs=outputs, progress=sub.train.progress)
-            (Path(sub.train.output_dir) / "DONE").write_text("pairs\n")
+            run_pairs_stage(sub, stage_outputs=outputs)
             return 0
         out = Path(sub.train.output_dir)
         if (out / "DONE").exists():

@@ -60,7 +60,7 @@ class ConsistencyDistillationLoss(DistillationLoss):
         if num_timesteps < 1:
             raise FewstepError(f"num_timesteps must be at least 1, got {num_timesteps}")
         self.N = num_timesteps
-        self.solver_name = check_choice(solver, tuple(k for k in SOLVERS if k not in ("consistency", "renoise")), "solver")
+        check_choice(solver, tuple(k for k in SOLVERS if k not in ("consistency", "renoise")), "solver")
         self.solver = make_solver(solver)
         if (guidance_min is None) != (guidance_max is None):
             raise FewstepError("set both guidance_min and guidance_max (or neither)")
@@ -177,10 +177,9 @@ class ConsistencyDistillationLoss(DistillationLoss):
     def on_step_end(self, phase: str, student) -> None:
         if phase != "student" or self.target is None:
             return
-        src = [p.detach().float() for p in student.net.parameters()]
         dst = list(self.target.net.parameters())
-        for d, p in zip(dst, src):
-            d.lerp_(p.to(d.dtype), 1.0 - self.target_decay)
+        torch._foreach_lerp_(dst, [p.detach().to(d.dtype) for d, p in zip(dst, student.net.parameters())],
+                             1.0 - self.target_decay)
 
     def extra_state(self) -> dict[str, Tensor]:
         if self.target is None:
