@@ -2,12 +2,12 @@
 mass between modes better than reverse KL (DMD)?
 
 Protocol: start every run from the same one-step generator trained on the equal-weight ring (a finished
-gmm_fdistill run), distill toward the analytic imbalanced-ring teacher with each of the seven divergences
+gmm_fdistill run; its fake score too), the same GAN weight for all divergences, no EMA, and distill toward the analytic imbalanced-ring teacher with each of the seven divergences
 and several seeds, and report at 100, 200 and 600 generator updates:
 - mode-weight error: total variation between the histogram of nearest modes of 50k samples and the true weights;
 - SW2 to 50k samples of the imbalanced ring.
 
-    python benchmarks/fdistill_imbalanced.py runs/gmm_fdistill/fdistill/final [--seeds 0,1,2] [--out table.json]
+    python benchmarks/fdistill_imbalanced.py runs/gmm_fdistill/fdistill [--seeds 0,1,2] [--out table.json]
 """
 from __future__ import annotations
 
@@ -35,7 +35,18 @@ def mode_tv(x: torch.Tensor, mixture) -> float:
     return float(0.5 * (hist - mixture.weights.float()).abs().sum())
 
 
-def run_one(generator: str, divergence: str, seed: int, num: int, cycle: int) -> dict[int, dict[str, float]]:
+def fake_score_of(run: Path) -> dict[str, torch.Tensor]:
+    """The trained fake score of a finished gmm_fdistill stage (its newest checkpoint)."""
+    from fewstep.checkpoint import latest_intact, load_checkpoint
+
+    ckpt = latest_intact(run / "checkpoints", report=lambda m: None)
+    if ckpt is None:
+        raise SystemExit(f"{run} has no checkpoint to take the fake score from")
+    return load_checkpoint(ckpt)[0]["module.fake_score"]
+
+
+def run_one(generator: str, fake: dict, divergence: str, seed: int, num: int, cycle: int,
+            gan_weight: float) -> dict[int, dict[str, float]]:
     target = make_mixture("imbalanced_ring")
     reference = target.sample(num, torch.Generator().manual_seed(10_000 + seed))
     noise = torch.randn(num, 2, generator=torch.Generator().manual_seed(20_000 + seed))
@@ -43,8 +54,10 @@ def run_one(generator: str, divergence: str, seed: int, num: int, cycle: int) ->
     raw.update(teacher={"kind": "mixture", "mixture": {"name": "imbalanced_ring"}},
                student={"kind": "pretrained", "path": generator},
                data={"name": "mixture", "mixture": "imbalanced_ring", "size": 100_000, "seed": seed})
-    raw["loss"] = {**raw["loss"], "divergence": divergence}
+    raw["loss"] = {**raw["loss"], "divergence": divergence, "gan_weight": gan_weight}
+    # no EMA: the study follows the generator itself as mass moves between modes
     raw["train"] = {**raw["train"], "output_dir": tempfile.mkdtemp(), "seed": seed, "max_steps": CHECKPOINTS[-1] * cycle,
+                    "ema_decay": None,
                     "eval_every": 100 * cycle, "checkpoint_every": 10**9, "progress": False, "log_every": 10**9}
     results: dict[int, dict[str, float]] = {}
 
@@ -56,13 +69,17 @@ def run_one(generator: str, divergence: str, seed: int, num: int, cycle: int) ->
             results[updates] = {"tv": mode_tv(x, target), "sw2": sliced_wasserstein2(x, reference)}
         return {}
 
-    build_loop(validate(raw), log=lambda m: None, evaluate=evaluate).run()
+    loop = build_loop(validate(raw), log=lambda m: None, evaluate=evaluate)
+    loop.loss.fake_score.net.load_state_dict(fake)  # the fake score of the equal-weight run: it knows the generator
+    loop.run()
     return results
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("generator", help="final/ of a one-step generator trained on the equal-weight ring")
+    ap.add_argument("run", help="a finished gmm_fdistill stage directory (runs/gmm_fdistill/fdistill): its final/ "
+                                "generator and its checkpoint's fake score, both trained on the equal-weight ring")
+    ap.add_argument("--gan-weight", type=float, default=0.001, help="the GAN term of every divergence (default 0.001)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--divergences", default=",".join(WEIGHTINGS))
     ap.add_argument("--num", type=int, default=50_000)
@@ -72,9 +89,10 @@ def main() -> None:
     raw = load_recipe("gmm_fdistill").raw["loss"]
     cycle = raw.get("fake_updates", 5) + raw.get("discriminator_updates", 1) + 1
     seeds = [int(s) for s in args.seeds.split(",")]
+    fake = fake_score_of(Path(args.run))
     table = {}
     for div in args.divergences.split(","):
-        runs = [run_one(args.generator, div, s, args.num, cycle) for s in seeds]
+        runs = [run_one(str(Path(args.run) / "final"), fake, div, s, args.num, cycle, args.gan_weight) for s in seeds]
         table[div] = {u: {m: [r[u][m] for r in runs] for m in ("tv", "sw2")} for u in CHECKPOINTS}
         cells = "  ".join(f"{u}: TV {statistics.mean(table[div][u]['tv']):.3f} SW2 {statistics.mean(table[div][u]['sw2']):.3f}"
                           for u in CHECKPOINTS)

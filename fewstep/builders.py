@@ -27,12 +27,15 @@ LOSS_INJECTED = ("teacher", "student", "schedule", "pipeline", "decoder", "fake_
 
 
 # ----------------------------------------------------------------------------- data
-def digits_data(resolution: int = 8, classes: list[int] | None = None) -> ArrayDataset:
-    """sklearn digits: x0 in [-1, 1] and class_labels."""
-    from .data.digits import DigitsDataset
+def digits_data(resolution: int = 8, classes: list[int] | None = None, labels: bool = True) -> ArrayDataset:
+    """sklearn digits: x0 in [-1, 1] and class_labels. ``labels: false`` gives every image the null class
+    (10, the index fewstep's class-conditional digits models reserve for "no label"), like a folder of
+    unlabelled images: training then shapes the model's unconditional samples."""
+    from .data.digits import NUM_CLASSES, DigitsDataset
 
     ds = DigitsDataset(resolution, classes)
-    return ArrayDataset({"x0": ds.images, "class_labels": ds.labels})
+    y = ds.labels if labels else torch.full_like(ds.labels, NUM_CLASSES)
+    return ArrayDataset({"x0": ds.images, "class_labels": y})
 
 
 def mixture_data(mixture: str = "ring", size: int = 100_000, seed: int = 0, conditional: bool = False, **kwargs: Any) -> ArrayDataset:
@@ -249,7 +252,7 @@ def build_model(spec: ModelSection, key: str, schedule: Schedule, *, teacher: Mo
         from .export import load_final
 
         den, meta, lp = load_final(_resolve(spec.path, stage_outputs))
-        return Model(den, meta["kind"], lp)
+        return Model(den, "pipeline" if meta["kind"] == "lora" else meta["kind"], lp)  # a LoRA loads fused
     if spec.init == "teacher":
         if teacher is None or teacher.denoiser is None or not hasattr(teacher.denoiser, "net"):
             raise FewstepError(f"{key}.init=teacher needs a teacher network")
@@ -323,8 +326,9 @@ def _sample_shape(model: Model) -> tuple[int, ...]:
 
 
 def make_sample_fn(model: Model, *, solver: str, steps: int, guidance: float | None, num: int, spacing: str | None,
-                   prompts: list[str], seed: int) -> Callable[[Denoiser], Tensor]:
-    """Samples for grids: fixed noise, classes cycling 0..C-1 or the recipe's prompts; decoded for pipelines."""
+                   prompts: list[str], seed: int, class_label: int | None = None) -> Callable[[Denoiser], Tensor]:
+    """Samples for grids: fixed noise, classes cycling 0..C-1 (or one ``class_label``) or the recipe's prompts;
+    decoded for pipelines."""
     shape = _sample_shape(model)
     lp = model.pipeline
 
@@ -332,7 +336,8 @@ def make_sample_fn(model: Model, *, solver: str, steps: int, guidance: float | N
         g = torch.Generator().manual_seed(seed)
         device = next(iter(den.parameters()), torch.zeros(())).device
         x = torch.randn(num, *shape, generator=g).to(device)
-        cond = cycling_conditions(den, lp, num, prompts=prompts if lp is not None else None, device=device)
+        cond = cycling_conditions(den, lp, num, prompts=prompts if lp is not None else None, class_label=class_label,
+                                  device=device)
         out = sample(den, make_solver(solver, seed=seed + 1), x, den.schedule.sampling_grid(steps, spacing), cond,
                      guidance=guidance if cond is not None else None)
         if lp is not None:
@@ -409,13 +414,14 @@ def build(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None) -> Bu
     sm = recipe.sample
     sample_fn = None if student.kind == "classifier" else make_sample_fn(
         student, solver=sm.solver, steps=sm.steps, guidance=sm.guidance, num=sm.num, spacing=sm.spacing,
-        prompts=sm.prompts, seed=tr.seed)
+        prompts=sm.prompts, seed=tr.seed, class_label=sm.class_label)
 
     def export(den: Denoiser, directory: Path) -> None:
         from .export import pipeline_scheduler, student_schedule_spec, write_final
 
         meta = {"recipe": recipe.name, "method": name, "teacher": _describe(recipe.teacher),
-                "sampler": {"solver": sm.solver, "steps": sm.steps, "guidance": sm.guidance, "spacing": sm.spacing}}
+                "sampler": {"solver": sm.solver, "steps": sm.steps, "guidance": sm.guidance, "spacing": sm.spacing,
+                             **({"class_label": sm.class_label} if sm.class_label is not None else {})}}
         if student.kind != "classifier":
             meta["sample_shape"] = list(_sample_shape(student))
         write_final(den, directory, kind=student.kind, meta=meta, recipe_yaml=recipe.to_yaml(),
@@ -437,11 +443,14 @@ def make_evaluate(student: Model, recipe: Recipe, *, seed: int) -> Callable[[Den
     extract, _ = make_extractor(ev.features)
     reference = reference_from(ev.reference, extract)
     draw = make_sample_fn(student, solver=sm.solver, steps=ev.steps or sm.steps, guidance=sm.guidance, num=ev.num,
-                          spacing=sm.spacing, prompts=sm.prompts, seed=seed + 1)
+                          spacing=sm.spacing, prompts=sm.prompts, seed=seed + 1,
+                          class_label=sm.class_label)
 
     def run(den: Denoiser, step: int) -> dict[str, float]:
         with torch.no_grad():
-            metrics = evaluate(draw(den), extract, reference, with_pr=False, seed=seed)
+            images = draw(den)
+            images = images.clamp(-1, 1) if images.ndim == 4 else images  # as `fewstep sample` / `eval` see them
+            metrics = evaluate(images, extract, reference, with_pr=False, seed=seed)
         return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
     return run

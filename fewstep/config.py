@@ -72,6 +72,7 @@ class SampleSection:
     guidance: float | None = None
     num: int = 64
     spacing: str | None = None
+    class_label: int | None = None  # class-conditional models: one class for all samples (C, the null class: unconditional)
     prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a painting of a lighthouse at dusk"])
 
 

@@ -73,6 +73,9 @@ def pipeline_scheduler(student: Denoiser, pipeline, solver: str):
 def model_card(meta: dict[str, Any], recipe_yaml: str) -> str:
     s = meta["sampler"]
     guidance = "none" if s.get("guidance") is None else s["guidance"]
+    lora = "" if meta["kind"] != "lora" else (
+        f"\nA LoRA for `{meta['base']}` ({meta['weights']}, diffusers format). In plain diffusers:\n\n{lora_usage(meta)}"
+        "\n`fewstep lora fuse <this directory> --out DIR` bakes it into a full pipeline.\n")
     return f"""# {meta.get('recipe', 'fewstep model')}
 
 Made with fewstep {meta['fewstep_version']}.
@@ -87,7 +90,7 @@ Made with fewstep {meta['fewstep_version']}.
 | scheduler | {meta.get('scheduler', 'see fewstep.json')} |
 
 Sample it with `fewstep sample --model <this directory> --num 16 --seed 0 --out samples.png`.
-
+{lora}
 ## Recipe
 
 ```yaml
@@ -109,7 +112,12 @@ def write_final(student: Denoiser, directory: Path, *, kind: str, meta: dict[str
                                              f"```yaml\n{recipe_yaml.rstrip()}\n```\n")
         return directory
     meta = {"fewstep_version": __version__, "kind": kind, "prediction_type": student.prediction_type, **meta}
-    if kind == "pipeline":
+    from .lora_io import has_lora
+
+    lora = has_lora(net)
+    if kind == "pipeline" and lora:
+        _write_lora(net, directory, meta, pipeline, scheduler)
+    elif kind == "pipeline":
         if pipeline is None:
             raise FewstepError("exporting a pipeline student needs its pipeline")
         attr = "transformer" if pipeline.family == "sd3" else "unet"
@@ -125,6 +133,11 @@ def write_final(student: Denoiser, directory: Path, *, kind: str, meta: dict[str
             pipeline.pipe.scheduler = original_scheduler
     else:
         component = "mlp" if kind == "mlp" else "unet"
+        if lora:  # no diffusers LoRA loader exists for these networks: the adapters are merged in
+            from .lora_io import merged_network
+
+            net = merged_network(net)
+            meta["lora"] = "merged into the weights"
         net.save_pretrained(directory / component, safe_serialization=True)
         meta["component"] = component
         meta["schedule"] = schedule_spec
@@ -141,6 +154,39 @@ def write_final(student: Denoiser, directory: Path, *, kind: str, meta: dict[str
     return directory
 
 
+def _write_lora(net, directory: Path, meta: dict[str, Any], pipeline, scheduler) -> None:
+    """A LoRA student: the adapters in diffusers' format, the scheduler to use, and the base to load them on."""
+    from .lora_io import LORA_WEIGHTS, save_pipeline_lora
+
+    if pipeline is None:
+        raise FewstepError("exporting a pipeline student needs its pipeline")
+    save_pipeline_lora(pipeline, net, directory)
+    sched = scheduler if scheduler is not None else pipeline.pipe.scheduler
+    sched.save_pretrained(directory / "scheduler")
+    meta.update(kind="lora", family=pipeline.family, base=pipeline.origin.get("base"),
+                base_loras=list(pipeline.origin.get("base_loras", [])), weights=LORA_WEIGHTS,
+                scheduler=type(sched).__name__, pipeline_class=type(pipeline.pipe).__name__)
+
+
+def lora_usage(meta: dict[str, Any]) -> str:
+    """The plain-diffusers lines that sample a LoRA final/ (for its model card)."""
+    s = meta["sampler"]
+    fused = "".join(f'pipe.load_lora_weights("{f}")\npipe.fuse_lora()\npipe.unload_lora_weights()\n'
+                    for f in meta.get("base_loras", []))
+    guidance = 1.0 if s.get("guidance") is None else s["guidance"]
+    steps = (f'timesteps={list(range(999, 0, -1000 // s["steps"]))[:s["steps"]]}'
+             if s["solver"] == "renoise" else f'num_inference_steps={s["steps"]}')
+    return f"""```python
+import diffusers
+
+pipe = diffusers.{meta["pipeline_class"]}.from_pretrained("{meta["base"]}")
+{fused}pipe.load_lora_weights("<this directory>")
+pipe.scheduler = diffusers.{meta["scheduler"]}.from_pretrained("<this directory>", subfolder="scheduler")
+image = pipe("a photo of a cat", {steps}, guidance_scale={guidance}).images[0]
+```
+"""
+
+
 def read_meta(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / META
     if not path.is_file():
@@ -153,6 +199,9 @@ def load_final(directory: str | Path, *, device: str | torch.device = "cpu") -> 
     directory = Path(directory)
     meta = read_meta(directory)
     kind = meta["kind"]
+    if kind == "lora":
+        lp = load_lora_final(directory, meta, device=device)
+        return lp.denoiser(), meta, lp
     if kind == "pipeline":
         from .pipelines import load_pipeline
 
@@ -171,6 +220,27 @@ def load_final(directory: str | Path, *, device: str | torch.device = "cpu") -> 
     else:
         raise FewstepError(f"unknown exported kind {kind!r} in {directory}; valid: mlp, pipeline, unet2d")
     return den.to(device).eval(), meta, None
+
+
+def load_lora_final(directory: Path, meta: dict[str, Any], *, device: str | torch.device = "cpu"):
+    """The base pipeline with this LoRA (and the LoRAs its base was made with) fused in, on the exported scheduler."""
+    import diffusers
+
+    from .lora_io import check_lora_dir, fuse_into, load_lora, lora_chain
+    from .pipelines import load_pipeline
+
+    check_lora_dir(directory)
+    if not meta.get("base"):
+        raise FewstepError(f"{directory}/{META} names no base pipeline for its LoRA")
+    lp = load_pipeline(meta["base"], device=device)
+    chain = lora_chain(meta, directory)
+    for path in chain:
+        load_lora(lp.pipe, path)
+        fuse_into(lp.pipe)
+    sched_cls = getattr(diffusers, json.loads((directory / "scheduler" / "scheduler_config.json").read_text())["_class_name"])
+    lp.set_scheduler(sched_cls.from_pretrained(directory / "scheduler"))
+    lp.origin = {"base": meta["base"], "base_loras": [str(p.resolve()) for p in chain]}
+    return lp
 
 
 def _schedule_kwargs(spec: dict[str, Any]) -> dict[str, Any]:

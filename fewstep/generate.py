@@ -13,15 +13,15 @@ from .errors import FewstepError
 def cycling_conditions(denoiser, pipeline, num: int, *, class_label: int | None = None,
                        prompts: list[str] | None = None, device: torch.device | str = "cpu") -> dict | None:
     """Conditions for ``num`` samples: prompts cycling (pipelines; default the empty prompt), classes cycling
-    0..C-1 or one ``class_label`` (class-conditional models; C = the null class index), or None."""
+    0..C-1 or one ``class_label`` (class-conditional models; C, the null class index, samples unconditionally), or None."""
     if pipeline is not None:
         prompts = prompts or [""]
         return pipeline.encode_prompts([prompts[i % len(prompts)] for i in range(num)])
     null = denoiser.null_cond or {}
     if "class_labels" in null:
         n_cls = int(null["class_labels"].reshape(-1)[0])
-        if class_label is not None and not 0 <= class_label < n_cls:
-            raise FewstepError(f"class must be in 0..{n_cls - 1}, got {class_label}")
+        if class_label is not None and not 0 <= class_label <= n_cls:
+            raise FewstepError(f"class must be in 0..{n_cls - 1}, or {n_cls} (the null class: unconditional), got {class_label}")
         labels = torch.full((num,), class_label) if class_label is not None else torch.arange(num) % max(n_cls, 1)
         return {"class_labels": labels.to(device)}
     if class_label is not None or prompts:
@@ -58,6 +58,8 @@ class Generator:
         if num < 1 or (steps is not None and steps < 1):
             raise FewstepError("the number of samples and steps must be at least 1")
         s = self.meta["sampler"]
+        if class_label is None:
+            class_label = s.get("class_label")
         cond = self.conditions(num, class_label=class_label, prompts=prompts)
         x = torch.randn(num, *self.meta["sample_shape"], generator=torch.Generator().manual_seed(seed))
         g = guidance if guidance is not None else s.get("guidance")

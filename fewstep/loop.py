@@ -91,6 +91,21 @@ def trainable(module: nn.Module) -> dict[str, Tensor]:
     return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
 
+def freeze_teacher(teacher: nn.Module, loss: nn.Module) -> nn.Module:
+    """Freeze the teacher, except for what the loss trains on top of it (a LoRA fake score's adapters)."""
+    on_top = [p for m in loss.modules_to_train().values() for p in m.parameters() if p.requires_grad]
+    teacher.requires_grad_(False)
+    for p in on_top:
+        p.requires_grad_(True)
+    return teacher
+
+
+def trained_state(module: nn.Module) -> dict[str, Tensor]:
+    """What a checkpoint keeps of a module: its trainable parameters and its buffers (frozen base
+    weights under LoRA adapters come from the model, not the checkpoint)."""
+    return {**trainable(module), **dict(module.named_buffers())}
+
+
 SHARED_KEYS = ("loss", "lr", "grad_norm")
 
 
@@ -156,7 +171,7 @@ class Loop:
         device = self.acc.device
         self.student = student.to(device)
         if teacher is not None:
-            teacher.requires_grad_(False).eval().to(device)
+            freeze_teacher(teacher, loss).eval().to(device)
         self.loss.to(device)
         self.modules: dict[str, nn.Module] = {"student": student.net, **loss.modules_to_train()}
         for name in self.modules:
@@ -226,13 +241,10 @@ class Loop:
     # ------------------------------------------------------------------ checkpoints
     def _state_groups(self) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
         groups: dict[str, dict[str, Tensor]] = {}
-        student_net = self.acc.unwrap_model(self.modules["student"])
-        groups["student"] = {**trainable(student_net), **dict(student_net.named_buffers())}
+        for name, m in self.modules.items():
+            groups["student" if name == "student" else f"module.{name}"] = trained_state(self.acc.unwrap_model(m))
         if self.ema is not None:
             groups["ema"] = dict(zip(self.ema_names, self.ema))
-        for name, m in self.modules.items():
-            if name != "student":
-                groups[f"module.{name}"] = self.acc.unwrap_model(m).state_dict()
         extra = self.loss.extra_state()
         if extra:
             groups["loss_state"] = extra
@@ -271,18 +283,16 @@ class Loop:
 
     def restore(self, path: Path) -> None:
         groups, state = load_checkpoint(path)
-        student_net = self.acc.unwrap_model(self.modules["student"])
-        expected = set(trainable(student_net)) | {n for n, _ in student_net.named_buffers()}
-        if set(groups["student"]) != expected:
-            raise FewstepError(f"checkpoint {path} does not fit this student (different trainable parameters)")
-        student_net.load_state_dict(groups["student"], strict=False)
+        for name, m in self.modules.items():
+            group = "student" if name == "student" else f"module.{name}"
+            net = self.acc.unwrap_model(m)
+            if set(groups.get(group, {})) != set(trained_state(net)):
+                raise FewstepError(f"checkpoint {path} does not fit this {name} (different trainable parameters)")
+            net.load_state_dict(groups[group], strict=False)
         if self.ema is not None:
             if "ema" not in groups:
                 raise FewstepError(f"checkpoint {path} has no EMA weights but train.ema_decay is set")
             self.ema = [groups["ema"][n].float().to(self.acc.device) for n in self.ema_names]
-        for name, m in self.modules.items():
-            if name != "student":
-                self.acc.unwrap_model(m).load_state_dict(groups[f"module.{name}"])
         self.loss.load_extra_state(groups.get("loss_state", {}))
         sk = state["skeletons"]
         for phase in self.loss.phases:

@@ -1,6 +1,8 @@
 """LoRA (Hu et al. 2021) on any trainable network through peft; the base weights stay frozen."""
 from __future__ import annotations
 
+import contextlib
+
 from torch import nn
 
 from .errors import FewstepError
@@ -46,3 +48,30 @@ def inject_lora(net: nn.Module, *, rank: int, alpha: float | None, target_module
     for n, p in net.named_parameters():
         p.requires_grad_("lora_" in n)
     return net
+
+
+def default_targets(net: nn.Module, wanted: list[str]) -> list[str]:
+    """The names of ``wanted`` that match a layer of ``net`` (a default target list fits UNets and transformers)."""
+    present = [t for t in wanted if any(_matches(n, t) for n, m in net.named_modules() if isinstance(m, LORA_LAYERS))]
+    if not present:
+        raise FewstepError(f"none of the LoRA targets {', '.join(wanted)} is a layer of {type(net).__name__}; "
+                           f"valid: {', '.join(lora_candidates(net))}")
+    return present
+
+
+@contextlib.contextmanager
+def adapters_off(net: nn.Module):
+    """Run ``net`` as its base model: every LoRA adapter disabled (peft's switch), requires_grad untouched."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in net.modules() if isinstance(m, BaseTunerLayer)]
+    flags = {p: p.requires_grad for m in layers for p in m.parameters()}
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield net
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)

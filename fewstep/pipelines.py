@@ -69,6 +69,8 @@ class LoadedPipeline:
     schedule: Schedule
     prediction_type: str
     _null_cond: Cond | None = field(default=None, repr=False)
+    #: where the weights came from: {"base": path or hub id, "base_loras": [LoRA files fused into it]}
+    origin: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ parts
     @property
@@ -96,6 +98,13 @@ class LoadedPipeline:
     def resolution(self) -> int:
         """Default image side in pixels (the network's sample size times the VAE factor)."""
         return int(self.net.config.sample_size) * self.vae_scale_factor
+
+    def set_scheduler(self, scheduler) -> None:
+        """Use ``scheduler`` (its schedule and prediction type become the pipeline's)."""
+        self.pipe.scheduler = scheduler
+        config = dict(scheduler.config)
+        config["_class_name"] = type(scheduler).__name__
+        self.schedule, self.prediction_type = schedule_from_config(config), prediction_type_from_config(config)
 
     # ------------------------------------------------------------------ text
     @torch.no_grad()
@@ -210,4 +219,7 @@ def load_pipeline(name: str, *, dtype: torch.dtype = torch.float32, device: str 
     pipe.set_progress_bar_config(disable=True)
     sched_config = dict(pipe.scheduler.config)
     sched_config["_class_name"] = type(pipe.scheduler).__name__
-    return LoadedPipeline(family, pipe, schedule_from_config(sched_config), prediction_type_from_config(sched_config))
+    local = Path(name).expanduser()
+    base = str(local.resolve()) if local.exists() else name  # a hub id stays a hub id
+    return LoadedPipeline(family, pipe, schedule_from_config(sched_config), prediction_type_from_config(sched_config),
+                          origin={"base": base, "base_loras": []})

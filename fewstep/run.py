@@ -118,8 +118,10 @@ def stage_recipes(recipe: Recipe) -> list[tuple[str, str, Recipe]]:
         if kind == "recipe":
             if "recipe" not in stage:
                 raise FewstepError(f"stage {name}: kind recipe needs recipe: NAME (see `fewstep ls`)")
+            # the other recipe's own training; its stages do not run here, and its stage:NAME references
+            # name this recipe's stages (list the stages it needs before it)
             other = load_recipe(str(stage.pop("recipe")))
-            raw = merge_stage(other.raw, stage)
+            raw = merge_stage({k: v for k, v in other.raw.items() if k != "stages"}, stage)
         else:
             raw = merge_stage(base, stage)
         raw = apply_overrides(raw, run_length)

@@ -74,6 +74,30 @@ def test_one_training_step_equals_hand_computed_ddim_step_and_target(kind):
     assert torch.allclose(out.loss, ((f_theta - target) ** 2).mean(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["vp", "flow"])
+def test_consistency_training_step_uses_the_data_point_with_the_same_noise(kind):
+    """solver: data (consistency training): x_s = alpha_s x0 + sigma_s eps with x_t's eps, no teacher."""
+    sch = VPSchedule.from_betas(**SD) if kind == "vp" else FlowSchedule()
+    student = _student(sch)
+    x0 = make_mixture("ring").sample(12, torch.Generator().manual_seed(1))
+    labels, seeds = torch.arange(12) % 8, torch.arange(12) * 7 + 3
+    loss_fn = ConsistencyDistillationLoss.build(teacher=None, student=student, solver="data", target="online")
+    out = loss_fn("student", {"x0": x0, "class_labels": labels, "seeds": seeds}, student, None)
+    g = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    eps = torch.stack([torch.randn(2, generator=gi) for gi in g])
+    t = (torch.stack([torch.randint(0, 50, (), generator=gi) for gi in g]).double() + 1) * 20 - 1
+    s = (t - 20).clamp_min(0)
+    a_t, s_t = (v.float()[:, None] for v in sch.alpha_sigma(t))
+    a_s, s_s = (v.float()[:, None] for v in sch.alpha_sigma(s))
+    cond = {"class_labels": labels}
+    with torch.no_grad():
+        f_t = consistency_function(student, a_t * x0 + s_t * eps, t, cond)
+        f_s = consistency_function(student, a_s * x0 + s_s * eps, s, cond)
+    assert torch.allclose(out.loss, ((f_t - f_s) ** 2).mean(), rtol=1e-4, atol=1e-7)
+    with pytest.raises(FewstepError, match="only solver: data"):
+        ConsistencyDistillationLoss.build(teacher=None, student=student, solver="ddim")
+
+
 def test_ema_target_network_updates_and_checkpoints():
     sch = VPSchedule.from_betas(**SD)
     student = _student(sch)

@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import argparse
-
-import torch
+from pathlib import Path
 
 from ..config import load_recipe
 
@@ -19,37 +18,82 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _count(module) -> tuple[int, int]:
-    if module is None:
-        return 0, 0
     params = list(module.parameters())
     train = sum(p.numel() for p in params if p.requires_grad)
     return train, sum(p.numel() for p in params) - train
 
 
 def dry_run(recipe) -> int:
-    from ..builders import build
+    """The resolved recipe, then per stage (a recipe without stages is one) each network's parameters and
+    memory estimates for it and its full / LoRA counterparts. A stage that reads an earlier stage's model
+    is estimated once that stage has run."""
+    from ..errors import FewstepError
+    from ..run import stage_recipes
 
-    b = build(recipe)
     print(recipe.to_yaml().rstrip())
-    print("---")
-    rows = [("student", b.student.denoiser.net), ("teacher", getattr(b.teacher.denoiser, "net", None)),
-            *b.loss.modules_to_train().items()]
-    total_bytes = 0.0
-    optimizer_states = {"Adam": 2, "AdamW": 2, "SGD": 1, "Adagrad": 1, "RMSprop": 1}
-    for name, module in rows:
-        trainable, frozen = _count(module)
-        if module is None:
-            continue
-        bytes_per = next(iter(module.parameters()), torch.zeros(())).element_size()
-        print(f"{name:>12}: {trainable:,} trainable, {frozen:,} frozen parameters")
-        total_bytes += (trainable + frozen) * bytes_per + trainable * 4  # weights + fp32 gradients
-    trainable_all = sum(_count(m)[0] for _, m in rows)
-    opt_name = recipe.optimizer["name"]
-    total_bytes += trainable_all * 4 * optimizer_states.get(opt_name, 2)
-    if recipe.train.ema_decay is not None:
-        total_bytes += _count(b.student.denoiser.net)[0] * 4
-    print(f"memory estimate (weights, gradients, {opt_name} state, EMA; activations excluded): {total_bytes / 2**30:.3f} GiB")
+    if not recipe.stages:
+        print("---")
+        _estimate(recipe, {})
+        return 0
+    done: dict[str, Path] = {}
+    for name, kind, sub in stage_recipes(recipe):
+        out = Path(sub.train.output_dir)
+        print(f"--- stage {name} ({kind})")
+        if kind == "pairs":
+            print(f"  teacher pairs to {out / 'pairs'}")
+        else:
+            try:
+                _estimate(sub, done)
+            except FewstepError as e:
+                print(f"  not estimated yet: {e}")
+        if (out / "DONE").exists():
+            done[name] = out
     return 0
+
+
+def _estimate(recipe, stage_outputs: dict) -> None:
+    from ..builders import build
+    from ..loop import freeze_teacher
+    from ..losses.fdivergence import FAKE_LORA_TARGETS
+    from ..memory import OPTIMIZER_STATES, estimate, lora_parameter_count
+
+    b = build(recipe, stage_outputs=stage_outputs)
+    if b.teacher.denoiser is not None:
+        freeze_teacher(b.teacher.denoiser, b.loss)  # as the loop will
+    student = b.student.denoiser.net
+    teacher = getattr(b.teacher.denoiser, "net", None)
+    extra = b.loss.modules_to_train()
+    for name, module in [("student", student), ("teacher", teacher), *extra.items()]:
+        if module is not None:
+            trainable, frozen = _count(module)
+            print(f"{name:>12}: {trainable:,} trainable, {frozen:,} frozen parameters")
+    opt = recipe.optimizer["name"]
+    per_trained = 4 * (1 + OPTIMIZER_STATES.get(opt, 2))  # float32 gradient + optimizer state
+    ema = recipe.train.ema_decay is not None
+    s_train, s_frozen = _count(student)
+    here = estimate([student, teacher, *extra.values()], optimizer=opt, ema_params=s_train if ema else 0)
+    rows = [("this run", here.trainable, here.gib)]
+    lora_rank = recipe.lora.rank if recipe.lora is not None else 64
+    targets = recipe.lora.target_modules if recipe.lora is not None else FAKE_LORA_TARGETS
+    if recipe.lora is not None:  # the same run training the whole student
+        full = s_train + s_frozen - s_train  # base weights, already counted once
+        delta = (full - s_train) * (per_trained + (4 if ema else 0)) - s_train * 4  # adapters' own weights go
+        rows.append(("full student instead of LoRA", here.trainable - s_train + full, (here.bytes + delta) / 2**30))
+    else:
+        n = lora_parameter_count(student, lora_rank, [t for t in targets if t])
+        delta = (n - s_train) * (per_trained + (4 if ema else 0)) + n * 4
+        rows.append((f"LoRA rank {lora_rank} student instead of full", here.trainable - s_train + n, (here.bytes + delta) / 2**30))
+    fake = extra.get("fake_score")
+    if fake is not None and fake is not teacher and teacher is not None:  # f-distill with a full fake-score copy
+        f_train, f_frozen = _count(fake)
+        rank = getattr(b.loss, "fake_lora_rank", lora_rank)
+        n = lora_parameter_count(teacher, rank, FAKE_LORA_TARGETS)
+        saved = sum(p.numel() * p.element_size() for p in fake.parameters()) + f_train * per_trained
+        rows.append((f"fake score as LoRA rank {rank} on the teacher (fake_init: teacher_lora)", here.trainable - f_train + n,
+                     (here.bytes - saved + n * (4 + per_trained)) / 2**30))
+    print(f"memory estimate (weights, gradients, {opt} state{', EMA' if ema else ''}; activations excluded):")
+    for label, trainable, gib in rows:
+        print(f"  {label:<44} {trainable:>14,} trainable  {gib:8.3f} GiB")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -69,12 +69,15 @@ def _features(extract: Callable[[Tensor], Tensor], images: Tensor, batch: int = 
 
 
 def reference_from(reference: str, extract: Callable[[Tensor], Tensor]) -> tuple[np.ndarray, np.ndarray, Tensor | None, str]:
-    """(mu, sigma, features or None, description) for "digits", an .npz file, a folder or a safetensors file."""
-    if reference == "digits":
-        from ..data.digits import load_digits_tensors
+    """(mu, sigma, features or None, description) for "digits" (or a subset, "digits:0,1,2,3,4"), an .npz file,
+    a folder or a safetensors file."""
+    if reference == "digits" or reference.startswith("digits:"):
+        from ..data.digits import DigitsDataset
 
-        feats = _features(extract, load_digits_tensors()[0])
-        desc = "sklearn digits (all 1797)"
+        classes = None if reference == "digits" else _classes(reference)
+        data = DigitsDataset(classes=classes)
+        feats = _features(extract, data.images)
+        desc = f"sklearn digits ({'all' if classes is None else 'classes ' + ','.join(map(str, classes))}: {len(data)})"
     elif reference.endswith(".npz"):
         mu, sigma = load_stats(reference)
         return mu, sigma, None, f"statistics file {reference}"
@@ -84,6 +87,13 @@ def reference_from(reference: str, extract: Callable[[Tensor], Tensor]) -> tuple
     stats = RunningStats(feats.shape[1])
     stats.update(feats)
     return stats.mean, stats.cov, feats, desc
+
+
+def _classes(reference: str) -> list[int]:
+    try:
+        return [int(c) for c in reference.split(":", 1)[1].split(",")]
+    except ValueError:
+        raise FewstepError(f"reference {reference!r}: expected digits:C,C,... with class numbers 0-9") from None
 
 
 def evaluate(samples: Tensor, extract: Callable[[Tensor], Tensor], reference: tuple[np.ndarray, np.ndarray, Tensor | None, str],

@@ -39,7 +39,9 @@ class ConsistencyDistillationLoss(DistillationLoss):
 
     Args:
         num_timesteps: N, the skipping-step grid size (LCM: 50 DDIM steps over T = 1000).
-        solver: the teacher's one-step ODE solver (ddim, euler, heun, dpmpp_2m).
+        solver: the teacher's one-step ODE solver (ddim, euler, heun, dpmpp_2m), or "data": no teacher,
+            x_s = alpha_s x0 + sigma_s eps with x_t's own eps (consistency training, Song et al. 2023, sec. 5:
+            the data point stands in for the teacher's x0 estimate; fine-tuning a student on new data).
         guidance_min, guidance_max: CFG weight range (diffusers convention); None: no guidance.
         target: "ema" (a separate target network, decay ``target_decay``) or "online" (the student
             without gradient; the LoRA setting).
@@ -60,8 +62,9 @@ class ConsistencyDistillationLoss(DistillationLoss):
         if num_timesteps < 1:
             raise FewstepError(f"num_timesteps must be at least 1, got {num_timesteps}")
         self.N = num_timesteps
-        check_choice(solver, tuple(k for k in SOLVERS if k not in ("consistency", "renoise")), "solver")
-        self.solver = make_solver(solver)
+        check_choice(solver, (*(k for k in SOLVERS if k not in ("consistency", "renoise")), "data"), "solver")
+        self.from_data = solver == "data"
+        self.solver = None if self.from_data else make_solver(solver)
         if (guidance_min is None) != (guidance_max is None):
             raise FewstepError("set both guidance_min and guidance_max (or neither)")
         if guidance_min is not None and guidance_min > guidance_max:
@@ -95,8 +98,9 @@ class ConsistencyDistillationLoss(DistillationLoss):
 
     @classmethod
     def build(cls, *, teacher=None, student=None, schedule=None, pipeline=None, **kwargs: Any) -> "ConsistencyDistillationLoss":
-        if teacher is None:
-            raise FewstepError("consistency distillation needs a teacher (teacher.kind is none)")
+        if teacher is None and kwargs.get("solver", "ddim") != "data":
+            raise FewstepError("consistency distillation needs a teacher (teacher.kind is none); only solver: data "
+                               "(consistency training on the data) runs without one")
         disc = None
         if kwargs.get("adversarial_weight", 0.0) > 0:
             from ..discriminators import XTDiscriminator
@@ -144,8 +148,10 @@ class ConsistencyDistillationLoss(DistillationLoss):
             return self._discriminator_step(x0, fake, adv_t, adv_eps, student, cond)
         f_theta = self.f(student, x_t, t, cond, w)
         with torch.no_grad():
-            guided = w if (cond is not None and teacher.null_cond is not None) else None
-            if self.eta > 0:
+            guided = w if (cond is not None and teacher is not None and teacher.null_cond is not None) else None
+            if self.from_data:
+                x_s = student.schedule.add_noise(x0, eps, s)
+            elif self.eta > 0:
                 x0_hat, eps_hat = teacher.predict(x_t, t, cond, guidance=guided)
                 x_s = ddim_update(teacher.schedule, x0_hat, eps_hat, t, s, eta=self.eta, z=z)
             else:

@@ -18,6 +18,7 @@ this is DMD's loss (tested).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
@@ -26,8 +27,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import FewstepError, check_choice, lookup
+from ..lora import adapters_off
 from ..rng import SampleRNG
 from .base import DistillationLoss, LossOutput
+
+#: fake-score initializations for network teachers (True) and weightless ones (False)
+FAKE_INITS = {True: ("teacher", "teacher_lora"), False: ("scratch", "student")}
+#: default LoRA targets of a ``teacher_lora`` fake score (diffusers UNet and transformer layer names)
+FAKE_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                     "conv1", "conv2", "time_emb_proj"]
 
 #: h(r) = r^2 f''(r) for each divergence (f-distill, Table 1)
 WEIGHTINGS = {
@@ -72,8 +80,12 @@ class FDivergenceLoss(DistillationLoss):
             backward simulation: inputs come from the student's own sampler).
         ratio_bins: > 0 divides r by its running mean in that many timestep bins (momentum ``ratio_momentum``).
         regression_weight: weight of an L2 regression of G(noise) onto teacher pairs (data name pairs), a warm-up.
-        fake_init: weightless teachers only: the fake score starts from "scratch" or as a copy of the "student"
-            (which starts as a trained denoiser).
+        fake_init: network teachers: "teacher" (a full trainable copy, DMD2) or "teacher_lora" (LoRA adapters on
+            the frozen teacher, which runs with them disabled: one copy of the weights); weightless teachers:
+            "scratch" or a copy of the "student" (which starts as a trained denoiser).
+        fake_lora_rank, fake_lora_targets: the adapters of ``teacher_lora`` (targets absent from the network are
+            skipped).
+        fake_shares_teacher: set by ``build``: the fake score is the teacher's network with adapters on.
     """
 
     phases = ("fake_score", "discriminator", "generator")
@@ -82,9 +94,11 @@ class FDivergenceLoss(DistillationLoss):
                  guidance: float | None = None, fake_updates: int = 5, discriminator_updates: int = 1,
                  gan_weight: float = 0.0, t_min: float = 0.02, t_max: float = 0.98, steps: int = 1,
                  ratio_bins: int = 0, ratio_momentum: float = 0.99, regression_weight: float = 0.0,
-                 sample_shape: tuple[int, ...] | None = None, fake_init: str = "scratch") -> None:
+                 sample_shape: tuple[int, ...] | None = None, fake_init: str | None = None, fake_lora_rank: int = 64,
+                 fake_lora_targets: list[str] | None = None, fake_shares_teacher: bool = False) -> None:
         super().__init__()
-        self.fake_init = check_choice(fake_init, ("scratch", "student"), "fake_init")
+        self.fake_init, self.fake_lora_rank = fake_init, fake_lora_rank
+        self.fake_shares_teacher = fake_shares_teacher
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
         self.divergence = divergence
         self.h = lookup(WEIGHTINGS, divergence, "divergence")
@@ -126,12 +140,28 @@ class FDivergenceLoss(DistillationLoss):
 
         if teacher is None:
             raise FewstepError("f-divergence distillation needs a teacher (teacher.kind is none)")
-        if hasattr(teacher, "net"):
+        has_net = hasattr(teacher, "net")
+        init = check_choice(kwargs.get("fake_init") or ("teacher" if has_net else "scratch"),
+                            FAKE_INITS[has_net], "fake_init" + ("" if has_net else " (weightless teacher)"))
+        kwargs["fake_init"] = init
+        if init == "teacher_lora":
+            from ..lora import default_targets, inject_lora
+
+            net = teacher.net
+            targets = default_targets(net, kwargs.pop("fake_lora_targets", None) or FAKE_LORA_TARGETS)
+            inject_lora(net, rank=kwargs.get("fake_lora_rank", 64), alpha=None, target_modules=targets,
+                        adapter_name="fake_score")
+            for n, p in net.named_parameters():  # adapters train in float32 on a half-precision teacher
+                if "lora_" in n:
+                    p.data = p.data.float()
+            fake = type(teacher)(net, teacher.schedule, teacher.prediction_type, null_cond=teacher.null_cond)
+            kwargs["fake_shares_teacher"] = True
+        elif init == "teacher":
             fake = copy.deepcopy(teacher).float().requires_grad_(True)
             fake.net.requires_grad_(True)
         else:  # the analytic mixture: a network shaped like the student, fresh or a copy of the student
             fake = copy.deepcopy(student)
-            if kwargs.get("fake_init", "scratch") == "scratch":
+            if init == "scratch":
                 for m in fake.net.modules():
                     if hasattr(m, "reset_parameters"):
                         m.reset_parameters()
@@ -185,6 +215,14 @@ class FDivergenceLoss(DistillationLoss):
         with torch.set_grad_enabled(grad):
             return student(x_j, ts[j].to(z.device), cond)
 
+    def _base(self, teacher):
+        """The teacher as itself: adapters off when the fake score is LoRA on its network."""
+        return adapters_off(teacher.net) if self.fake_shares_teacher else contextlib.nullcontext()
+
+    def _disc(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
+        with self._base(self.fake_score):
+            return self.discriminator(x_t, t, cond)
+
     def _ratio(self, logits: Tensor, t: Tensor, T: int) -> Tensor:
         r = density_ratio(logits)
         if self.ratio_bins > 0:
@@ -217,7 +255,7 @@ class FDivergenceLoss(DistillationLoss):
             x = self.generate(student, z, cond, rng, grad=False).detach()
             real_t = student.schedule.add_noise(ref.float(), eps, t)
             fake_t = student.schedule.add_noise(x, eps, t)
-            d_real, d_fake = self.discriminator(real_t, t, cond), self.discriminator(fake_t, t, cond)
+            d_real, d_fake = self._disc(real_t, t, cond), self._disc(fake_t, t, cond)
             loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
             acc = 0.5 * ((d_real > 0).float().mean() + (d_fake < 0).float().mean())
             return LossOutput(loss, {"loss": loss.detach(), "disc_loss": loss.detach(), "disc_accuracy": acc.detach()})
@@ -227,18 +265,19 @@ class FDivergenceLoss(DistillationLoss):
         logs: dict[str, Any] = {}
         with torch.no_grad():
             guided = self.guidance if (cond is not None and teacher.null_cond is not None) else None
-            x0_real = teacher(x_t, t, cond, guidance=guided)
+            with self._base(teacher):
+                x0_real = teacher(x_t, t, cond, guidance=guided)
             x0_fake = self.fake_score(x_t, t, cond)
             h = None
             if self.uses_ratio:
-                r = self._ratio(self.discriminator(x_t, t, cond), t, T)
+                r = self._ratio(self._disc(x_t, t, cond), t, T)
                 h = self.h(r)
                 logs.update(r_mean=r.mean(), r_max=r.max(), h_mean=h.mean(), h_max=h.max())
         loss, grad = dm_loss(x, x0_real, x0_fake, h)
         logs["dm_loss"] = loss.detach()
         logs["dm_grad_norm"] = grad.flatten(1).norm(dim=1).mean()
         if self.gan_weight > 0:
-            g = F.softplus(-self.discriminator(x_t, t, cond)).mean()
+            g = F.softplus(-self._disc(x_t, t, cond)).mean()
             loss = loss + self.gan_weight * g
             logs["gan_generator"] = g.detach()
         if self.regression_weight > 0:

@@ -52,10 +52,10 @@ def _sd_scheduler() -> DDIMScheduler:
                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
-def tiny_sd(tmp: Path) -> StableDiffusionPipeline:
+def tiny_sd(tmp: Path, channels: tuple[int, int] = (32, 64)) -> StableDiffusionPipeline:
     tok = _tokenizer(tmp / "tok")
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=SAMPLE_SIZE, in_channels=4, out_channels=4,
+        block_out_channels=channels, layers_per_block=2, sample_size=SAMPLE_SIZE, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=TEXT_DIM, attention_head_dim=8,
     )
@@ -99,19 +99,20 @@ def tiny_sd3(tmp: Path) -> StableDiffusion3Pipeline:
 BUILDERS = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3}
 
 
-def build_tiny_pipeline(family: str, tmp: str | Path, seed: int = 0):
-    """A tiny pipeline of ``family`` (sd, sdxl, sd3) with seeded random weights; ``tmp`` holds its tokenizer files."""
+def build_tiny_pipeline(family: str, tmp: str | Path, seed: int = 0, **kwargs):
+    """A tiny pipeline of ``family`` (sd, sdxl, sd3) with seeded random weights; ``tmp`` holds its tokenizer files.
+    ``kwargs`` go to the builder (sd: ``channels``, the UNet's two block widths)."""
     builder = lookup(BUILDERS, family, "pipeline family")
     torch.manual_seed(seed)
-    pipe = builder(Path(tmp))
+    pipe = builder(Path(tmp), **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def save_tiny_pipeline(family: str, path: str | Path, seed: int = 0) -> Path:
+def save_tiny_pipeline(family: str, path: str | Path, seed: int = 0, **kwargs) -> Path:
     """Build a tiny ``family`` pipeline and save it with ``save_pretrained`` to ``path``; return the path."""
     path = Path(path)
-    build_tiny_pipeline(family, path.parent / f".{path.name}-tok", seed).save_pretrained(path)
+    build_tiny_pipeline(family, path.parent / f".{path.name}-tok", seed, **kwargs).save_pretrained(path)
     return path
 
 

@@ -1,0 +1,167 @@
+"""LoRA with every loss: only adapters train, the export is a diffusers-format LoRA that plain diffusers
+loads onto the base pipeline and samples exactly as fewstep did; fuse / unfuse and `fewstep lora fuse`."""
+import pytest
+import torch
+
+from fewstep.config import validate
+
+PROMPT = "a red bicycle"
+LORA = {"rank": 4, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"], "init": "default"}
+
+
+def _recipe(tmp_path, tiny_sd, captioned_dir, loss, pairs_made=True):
+    raw = {"name": f"lora_{loss}", "teacher": {"kind": "pipeline", "path": str(tiny_sd)},
+           "student": {"kind": "pipeline", "init": "teacher"}, "lora": LORA,
+           "optimizer": {"name": "AdamW", "lr": 1e-2},
+           "train": {"output_dir": str(tmp_path / "run"), "max_steps": 3, "batch_size": 2, "progress": False,
+                     "sample_every": 0}}
+    if loss == "consistency":
+        raw.update(loss={"name": "consistency", "target": "online", "num_timesteps": 10},
+                   data={"name": "images", "root": str(captioned_dir), "resolution": 32},
+                   sample={"solver": "consistency", "spacing": "lcm", "steps": 1, "num": 1})
+    elif loss == "fdistill":
+        raw.update(loss={"name": "fdistill", "divergence": "reverse_kl", "guidance": 1.75, "fake_updates": 1,
+                         "fake_init": "teacher_lora", "fake_lora_rank": 4},
+                   data={"name": "prompts"}, sample={"solver": "renoise", "spacing": "trailing", "steps": 1, "num": 1})
+    else:  # reflow on teacher pairs, the student read as a flow (InstaFlow)
+        raw["student"]["schedule"] = "flow"
+        data = {"name": "pairs", "path": str(tmp_path / "run" / "pairs")} if pairs_made else {"name": "prompts"}
+        raw.update(loss={"name": "reflow"}, data=data,
+                   pairs={"num": 4, "shard_size": 2, "batch_size": 2, "solver": "ddim", "steps": 2, "guidance": 1.5},
+                   sample={"solver": "euler", "steps": 1, "num": 1})
+    return validate(raw)
+
+
+def _plain_sample(final, base):
+    """The LoRA in plain diffusers: base pipeline + load_lora_weights + the exported scheduler, seed-0 latents."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(base)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(final)
+    cls = getattr(diffusers, (final / "scheduler" / "scheduler_config.json").read_text().split('"_class_name": "')[1].split('"')[0])
+    pipe.scheduler = cls.from_pretrained(final / "scheduler")
+    return pipe, lambda: _one_step(pipe)
+
+
+def _one_step(pipe):
+    size = pipe.unet.config.sample_size
+    latents = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(0))
+    if type(pipe.scheduler).__name__.startswith("FlowMatch"):  # the SD pipeline has no flow loop: docs/reflow.md's lines
+        emb, _ = pipe.encode_prompt([PROMPT], "cpu", 1, False)
+        pipe.scheduler.set_timesteps(1)
+        with torch.no_grad():
+            for t in pipe.scheduler.timesteps:
+                latents = pipe.scheduler.step(pipe.unet(latents, t, encoder_hidden_states=emb).sample, t, latents).prev_sample
+            return pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample.clamp(-1, 1)
+    return pipe(PROMPT, num_inference_steps=1, guidance_scale=1.0, latents=latents, output_type="pt").images * 2 - 1
+
+
+@pytest.mark.parametrize("loss", ["consistency", "fdistill", "reflow"])
+def test_lora_run_trains_only_adapters_and_loads_in_plain_diffusers(loss, tmp_path, tiny_dirs, captioned_dir):
+    from safetensors.torch import load_file
+
+    from fewstep.export import read_meta
+    from fewstep.generate import Generator
+    from fewstep.pipelines import load_pipeline
+    from fewstep.run import build_loop, run_pairs
+
+    if loss == "reflow":  # teacher pairs on prompts first
+        run_pairs(_recipe(tmp_path, tiny_dirs["sd"], captioned_dir, loss, pairs_made=False), progress=False, log=lambda m: None)
+    recipe = _recipe(tmp_path, tiny_dirs["sd"], captioned_dir, loss)
+    loop = build_loop(recipe, log=lambda m: None)
+    net = loop.student.net
+    base_before = {n: p.detach().clone() for n, p in net.named_parameters() if "lora_" not in n}
+    lora_before = {n: p.detach().clone() for n, p in net.named_parameters() if "lora_" in n}
+    teacher_before = {n: p.detach().clone() for n, p in loop.teacher.net.named_parameters() if "lora_" not in n}
+    assert lora_before and all(p.requires_grad == ("lora_" in n) for n, p in net.named_parameters())
+    assert loop.run().status == "finished"
+    after = dict(net.named_parameters())
+    assert all(torch.equal(after[n], p) for n, p in base_before.items())  # bit-identical base
+    assert any(not torch.equal(after[n], p) for n, p in lora_before.items())  # the adapters moved
+    teacher_after = dict(loop.teacher.net.named_parameters())
+    assert all(torch.equal(teacher_after[n], p) for n, p in teacher_before.items())
+    if loss == "fdistill":  # the fake score lives as adapters on the frozen teacher and trained
+        assert any("fake_score" in n for n in teacher_after)
+
+    final = tmp_path / "run" / "final"
+    meta = read_meta(final)
+    assert meta["kind"] == "lora" and meta["base"] == str(tiny_dirs["sd"].resolve())
+    assert not (final / "unet").exists()  # the LoRA file only, no second copy of the base
+    state = load_file(final / "pytorch_lora_weights.safetensors")
+    assert all(k.startswith("unet.") for k in state) and len(state) == len(lora_before)
+
+    # fewstep's own sample from the trained (adapter-carrying) network; text encoder and VAE from the base
+    mine = Generator(loop.student.eval(), meta, load_pipeline(str(tiny_dirs["sd"])))(1, seed=0, prompts=[PROMPT])
+    pipe, plain = _plain_sample(final, tiny_dirs["sd"])
+    lora_params = [n for n, _ in pipe.unet.named_parameters() if "lora_" in n]
+    assert len(lora_params) == len(state)  # every key of the file became a parameter: nothing left unloaded
+    image = plain()
+    assert torch.allclose(mine, image, atol=1e-5), (mine - image).abs().max()
+
+    # fuse then unfuse round-trips; fused samples equal the adapter samples
+    w0 = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if "lora_" not in n}
+    pipe.fuse_lora()
+    assert torch.allclose(plain(), image, atol=1e-5)
+    pipe.unfuse_lora()
+    w1 = dict(pipe.unet.named_parameters())
+    assert all(torch.allclose(w1[n], p, atol=1e-6) for n, p in w0.items())
+
+    # fewstep's own loader (base + LoRA, fused) samples the same
+    again = Generator.load(str(final))(1, seed=0, prompts=[PROMPT])
+    assert torch.allclose(again, image, atol=1e-5)
+
+
+def test_lora_fuse_writes_a_full_pipeline_that_samples_the_same(tmp_path, tiny_dirs, captioned_dir, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    from fewstep.cli import main
+    from fewstep.export import read_meta
+    from fewstep.run import build_loop
+
+    recipe = _recipe(tmp_path, tiny_dirs["sd"], captioned_dir, "fdistill")
+    assert build_loop(recipe, log=lambda m: None).run().status == "finished"
+    final = tmp_path / "run" / "final"
+    _, plain = _plain_sample(final, tiny_dirs["sd"])
+    image = plain()
+    out = tmp_path / "fused"
+    assert main(["lora", "fuse", str(final), "--out", str(out)]) == 0
+    assert read_meta(out)["kind"] == "pipeline" and not (out / "pytorch_lora_weights.safetensors").exists()
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert not any("lora_" in n for n, _ in pipe.unet.named_parameters())
+    assert torch.allclose(_one_step(pipe), image, atol=1e-5)
+    # nothing is overwritten; a full pipeline is not a LoRA
+    capsys.readouterr()
+    assert main(["lora", "fuse", str(final), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["lora", "fuse", str(out), "--out", str(tmp_path / "again")]) == 2
+    assert "not a LoRA" in capsys.readouterr().err and not (tmp_path / "again").exists()
+
+
+def test_lora_parameter_count_matches_peft_and_dry_run_compares_full_and_lora(tiny_dirs, tmp_path, capsys):
+    import re
+
+    from diffusers import UNet2DConditionModel
+
+    from fewstep.cli import main
+    from fewstep.lora import inject_lora
+    from fewstep.memory import estimate, lora_parameter_count
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"]
+    unet = UNet2DConditionModel.from_pretrained(tiny_dirs["sd"], subfolder="unet")
+    expected = lora_parameter_count(unet, 4, targets)
+    frozen = sum(p.numel() for p in unet.parameters())
+    inject_lora(unet, rank=4, alpha=None, target_modules=targets)
+    assert expected == sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
+    est = estimate([unet, unet], optimizer="AdamW")  # shared tensors count once
+    assert (est.trainable, est.frozen) == (expected, frozen)
+    assert est.bytes == frozen * 4 + expected * 4 + expected * 12
+
+    over = [f"teacher.path={tiny_dirs['sd']}", "loss.fake_lora_rank=4", f"train.output_dir={tmp_path / 'x'}"]
+    assert main(["distill", "sd15_dmd", "--dry-run", *over]) == 0
+    out = capsys.readouterr().out
+    gib = {m.group(1).strip(): float(m.group(2)) for m in re.finditer(r"^  (.+?)\s+[\d,]+ trainable\s+([\d.]+) GiB", out, re.M)}
+    assert gib["fake score as LoRA rank 4 on the teacher (fake_init: teacher_lora)"] < gib["this run"]
+    assert gib["LoRA rank 64 student instead of full"] != gib["this run"] and not (tmp_path / "x").exists()
