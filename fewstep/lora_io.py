@@ -89,7 +89,8 @@ def merged_network(net: nn.Module) -> nn.Module:
         state[k.replace(".base_layer.", ".")] = v
     plain = type(net).from_config(net.config) if hasattr(type(net), "from_config") else type(net)(**net.config)
     plain.load_state_dict(state, strict=True)
-    return plain.to(next(net.parameters()).dtype)
+    dtype = next(net.parameters()).dtype
+    return plain if next(plain.parameters()).dtype == dtype else plain.to(dtype)
 
 
 def fuse_into(pipe) -> None:

@@ -6,31 +6,32 @@ import sys
 from fewstep.cli import main
 
 
-def test_demo_quick_prints_the_table(capsys, tmp_path):
-    out = tmp_path / "demo.json"
+def test_demo_quick_distills_three_ways_and_reports(capsys, tmp_path):
+    """The embedded default end to end at --quick size: three students, the bench report, grids; a second
+    run refuses to overwrite the report."""
+    out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "steps" in text and "SW2" in text
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["steps"] for r in rows] == [1, 4, 25]
-    assert rows[2]["sw2"] < rows[1]["sw2"] < rows[0]["sw2"]  # more teacher steps, closer to the data
-
-
-def test_demo_refuses_to_overwrite(capsys, tmp_path):
-    out = tmp_path / "demo.json"
-    out.write_text("keep me")
+    rows = json.loads((out / "report" / "report.json").read_text())["rows"]
+    students = ("reflow", "consistency", "fdistill_js")
+    assert [(r["model"], r["steps"]) for r in rows] == [("teacher", k) for k in (1, 2, 4, 8, 25)] + [
+        (m, k) for m in students for k in (1, 2, 4)]
+    fd = {(r["model"], r["steps"]): r["fd"] for r in rows}
+    assert fd[("teacher", 25)] < fd[("teacher", 1)]  # more teacher steps, closer to the data
+    for name in ("pareto.png", "report.md", "teacher_25steps.png", *(f"{m}_1step.png" for m in students)):
+        assert (out / "report" / name).is_file(), name
+    assert "| teacher | 25 |" in text and "best one-step student" in text
+    before = (out / "report" / "report.json").read_bytes()
     assert main(["demo", "--quick", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "exists" in err[0]
-    assert out.read_text() == "keep me"
+    assert len(err) == 1 and "already holds a report" in err[0]
+    assert (out / "report" / "report.json").read_bytes() == before
 
 
 def test_bad_input_is_one_line_and_exit_2(capsys):
     for argv, expected in [
-        (["demo", "--solver", "rk4"], "valid: consistency, ddim, dpmpp_2m, euler, heun, renoise"),
-        (["demo", "--mixture", "moons"], "valid: imbalanced_ring, random, ring"),
-        (["demo", "--steps", "4,x"], "comma-separated integers"),
-        (["demo", "--steps", "0"], ">= 1"),
+        (["demo", "--updates", "0"], "--updates must be >= 1"),
+        (["sample", "--model", "/nonexistent", "--num", "2", "--out", "x.png"], "not a fewstep model directory"),
     ]:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
@@ -40,6 +41,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys):
 
 
 def test_entry_point_runs_in_a_real_interpreter():
-    r = subprocess.run([sys.executable, "-m", "fewstep.cli", "demo", "--solver", "rk4"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "fewstep.cli", "sample", "--model", "/nonexistent", "--num", "2", "--out", "x.png",
+                        "--solver", "rk4"], capture_output=True, text=True)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1] == "fewstep: error: unknown solver 'rk4'; valid: consistency, ddim, dpmpp_2m, euler, heun, renoise"
+    assert r.stderr.strip().splitlines()[-1].startswith("fewstep: error: /nonexistent is not a fewstep model directory")

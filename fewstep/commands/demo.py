@@ -1,68 +1,142 @@
-"""`fewstep demo`: the embedded default job, offline on a CPU.
+"""`fewstep demo`: the embedded default job, offline on a CPU in minutes.
 
-Until the distillation loop lands, the demo samples the analytic teacher of the reference mixture
-(8 Gaussians on a ring) on Stable Diffusion 1.5's schedule at several step counts and prints each
-one's sliced Wasserstein-2 distance to fresh samples of the true mixture, and its time.
+The class-conditional digits teacher shipped in fewstep/assets/digits_teacher (recipes/digits_teacher.yaml
+makes it; the demo trains it first only if the file is absent) is distilled to one step three ways at
+the same number of student updates: reflow (InstaFlow's one-step distillation of the teacher's pairs),
+consistency distillation and f-distill (Jensen-Shannon). Then `fewstep bench` measures the teacher at 1, 2, 4, 8 and 25 steps and
+the students at 1, 2 and 4 (digits Fréchet distance, KID, latency): report.md, report.json, pareto.png,
+plus sample grids. The teacher samples with classifier-free guidance 2; the students learned it.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import time
+import copy
 from pathlib import Path
+from typing import Any
 
-import torch
-
-from ..data.mixtures import make_mixture
-from ..denoisers import MixtureDenoiser
 from ..errors import FewstepError
-from ..eval import sliced_wasserstein2
-from ..schedules import VPSchedule
-from ..solvers import make_solver, sample
+
+ASSET_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "digits_teacher"
+#: reflow in the demo: InstaFlow's one-step distillation of the teacher's (1-rectified) pairs: pairs, then
+#: one Euler step of the student (the teacher's UNet read as a velocity) regressed onto the pair endpoints
+REFLOW_STAGES = [{"name": "pairs", "kind": "pairs"},
+                 {"name": "distill", "loss": {"name": "flow_distill", "steps": 1, "distance": "l2"},
+                  "data": {"name": "pairs", "path": "stage:pairs"}, "sample": {"solver": "euler", "steps": 1}}]
+#: (name, recipe, its stages in the demo, loop steps per student update: None = one cycle of the loss's phases)
+METHODS = (
+    ("reflow", "digits_reflow", REFLOW_STAGES, 1),
+    ("consistency", "digits_cd", [], 1),
+    ("fdistill_js", "digits_fdistill", [], None),
+)
+FULL = {"updates": 600, "num": 1000, "pairs": 4000, "repeats": 20}
+QUICK = {"updates": 20, "num": 200, "pairs": 200, "repeats": 3}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the embedded default: the analytic mixture teacher at several step counts")
-    p.add_argument("--steps", default="1,2,4,8,25,50", help="comma-separated step counts (default 1,2,4,8,25,50)")
-    p.add_argument("--solver", default="ddim", help="ddim, euler, heun or dpmpp_2m (default ddim)")
-    p.add_argument("--mixture", default="ring", help="ring or imbalanced_ring (default ring)")
-    p.add_argument("--num", type=int, default=50_000, help="samples per evaluation (default 50000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="optional JSON file for the results")
-    p.add_argument("--quick", action="store_true", help="10,000 samples and steps 1,4,25")
+    p = sub.add_parser("demo", help="the embedded default: distill the shipped digits teacher three ways and benchmark")
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo; a rerun resumes it)")
+    p.add_argument("--updates", type=int, default=None, help=f"student updates per method (default {FULL['updates']})")
+    p.add_argument("--num", type=int, default=None, help=f"samples per evaluation (default {FULL['num']})")
+    p.add_argument("--quick", action="store_true",
+                   help=f"{QUICK['updates']} updates, {QUICK['num']} samples: checks the whole path in about a minute")
     p.set_defaults(run=run)
 
 
+def teacher_dir(out: Path, log=print) -> Path:
+    """The shipped teacher, or (if the asset is absent) the digits_teacher recipe run into OUT/teacher."""
+    if (ASSET_TEACHER / "fewstep.json").is_file():
+        return ASSET_TEACHER
+    from ..config import load_recipe
+    from ..run import run_recipe
+
+    log(f"fewstep: {ASSET_TEACHER} is absent; training the digits teacher first (recipes/digits_teacher.yaml)")
+    recipe = load_recipe("digits_teacher", [f"train.output_dir={out / 'teacher'}"])
+    result = run_recipe(recipe, log=log)
+    if result.status != "finished":
+        raise FewstepError(f"the digits teacher did not finish ({result.status}); run `fewstep demo` again to resume")
+    return out / "teacher" / "final"
+
+
+def student_recipe(name: str, recipe: str, stages: list[dict], per_update: int | None, teacher: Path, out: Path,
+                   settings: dict[str, Any]):
+    """The shipped recipe with the shipped teacher, ``updates`` student updates and demo-sized pairs."""
+    from ..config import load_recipe, validate
+
+    raw = copy.deepcopy(load_recipe(recipe).raw)
+    raw["teacher"] = {"kind": "pretrained", "path": str(teacher)}
+    raw.pop("stages", None)
+    if stages:
+        raw["stages"] = copy.deepcopy(stages)
+    loss = raw.get("loss", {})
+    cycle = per_update or (loss.get("fake_updates", 5) + loss.get("discriminator_updates", 1) + 1)
+    if "pairs" in raw:
+        raw["pairs"] = {**raw["pairs"], "num": settings["pairs"], "shard_size": settings["pairs"]}
+    raw["train"] = {**raw["train"], "output_dir": str(out / name), "max_steps": settings["updates"] * cycle,
+                    "checkpoint_every": max(1, settings["updates"] * cycle // 4), "sample_every": 0, "eval_every": 0}
+    raw.pop("evaluation", None)
+    return validate(raw)
+
+
+def final_dir(recipe, out: Path, name: str) -> Path:
+    return out / name / (recipe.stages[-1]["name"] if recipe.stages else "") / "final"
+
+
 def run(args: argparse.Namespace) -> int:
-    num = 10_000 if args.quick else args.num
-    steps_arg = "1,4,25" if args.quick else args.steps
-    try:
-        steps = [int(s) for s in steps_arg.split(",")]
-    except ValueError:
-        raise FewstepError(f"--steps must be comma-separated integers, got {steps_arg!r}") from None
-    if num < 2 or any(s < 1 for s in steps):
-        raise FewstepError("--num must be >= 2 and every step count >= 1")
-    if args.out and Path(args.out).exists():
-        raise FewstepError(f"{args.out} exists; choose another --out (nothing is overwritten)")
-    mixture = make_mixture(args.mixture)
-    schedule = VPSchedule.from_betas("scaled_linear", 0.00085, 0.012, 1000)
-    teacher = MixtureDenoiser(mixture, schedule)
-    solver = make_solver(args.solver)
-    reference = mixture.sample(num, torch.Generator().manual_seed(args.seed + 1))
-    floor = sliced_wasserstein2(mixture.sample(num, torch.Generator().manual_seed(args.seed + 2)), reference)
-    print(f"analytic teacher of the {args.mixture} mixture, SD 1.5 schedule, {args.solver}, N={num}")
-    print(f"{'steps':>6} {'SW2':>8} {'seconds':>8}")
-    print(f"{'data':>6} {floor:8.4f} {'-':>8}   (a second draw of the true mixture)")
-    rows = []
-    for n in steps:
-        noise = torch.randn(num, mixture.dim, generator=torch.Generator().manual_seed(args.seed))
-        start = time.perf_counter()
-        x = sample(teacher, solver, noise, schedule.sampling_grid(n), progress=True)
-        seconds = time.perf_counter() - start
-        sw2 = sliced_wasserstein2(x, reference)
-        rows.append({"steps": n, "sw2": sw2, "seconds": seconds})
-        print(f"{n:>6} {sw2:8.4f} {seconds:8.2f}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"mixture": args.mixture, "solver": args.solver, "num": num,
-                                              "data_sw2": floor, "rows": rows}, indent=2))
+    from ..run import run_recipe
+    from .bench import run as bench
+
+    settings = dict(QUICK if args.quick else FULL)
+    if args.updates is not None:
+        settings["updates"] = args.updates
+    if args.num is not None:
+        settings["num"] = args.num
+    if settings["updates"] < 1 or settings["num"] < 2:
+        raise FewstepError("--updates must be >= 1 and --num >= 2")
+    out = Path(args.out)
+    report = out / "report"
+    if report.exists() and any(report.iterdir()):
+        raise FewstepError(f"{report} already holds a report; choose another --out (nothing is overwritten)")
+    teacher = teacher_dir(out)
+    recipes = {name: student_recipe(name, rec, stages, per, teacher, out, settings) for name, rec, stages, per in METHODS}
+    print(f"fewstep demo: the digits teacher ({teacher}) distilled to one step three ways, "
+          f"{settings['updates']} student updates each; evaluation on {settings['num']} samples")
+    for name, recipe in recipes.items():
+        print(f"fewstep demo: {name}")
+        result = run_recipe(recipe)
+        if result.status != "finished":
+            print(f"fewstep demo: {name} stopped ({result.status}); run the same command to resume")
+            return 75 if result.status == "time_limit" else 130
+    students = [f"{name}={final_dir(recipe, out, name)}" for name, recipe in recipes.items()]
+    bench(argparse.Namespace(teacher=str(teacher), teacher_steps="1,2,4,8,25", student=students, student_steps="1,2,4",
+                             num=settings["num"], seed=0, reference="digits", features=None, inception_weights=None,
+                             repeats=settings["repeats"], warmup=2, throughput_batch=64, out=str(report)))
+    save_grids(teacher, {n: final_dir(r, out, n) for n, r in recipes.items()}, report)
+    verdict(report)
     return 0
+
+
+def save_grids(teacher: Path, students: dict[str, Path], out: Path) -> None:
+    """40 samples (classes 0-9 cycling, same noise) per model: the teacher at 1 and 25 steps, students at 1."""
+    from ..generate import Generator
+    from ..viz import save_samples
+
+    t = Generator.load(str(teacher))
+    save_samples(t(40, seed=0, steps=1), out / "teacher_1step.png")
+    save_samples(t(40, seed=0, steps=25), out / "teacher_25steps.png")
+    for name, directory in students.items():
+        save_samples(Generator.load(str(directory))(40, seed=0, steps=1), out / f"{name}_1step.png")
+    print(f"sample grids: {', '.join(sorted(p.name for p in out.glob('*.png') if p.name != 'pareto.png'))} in {out}")
+
+
+def verdict(report: Path) -> None:
+    """One line per claim of the demo, from report.json."""
+    import json
+
+    rows = json.loads((report / "report.json").read_text())["rows"]
+    fd = {(r["model"], r["steps"]): r["fd"] for r in rows}
+    t1, t25 = fd[("teacher", 1)], fd[("teacher", 25)]
+    ones = {m: v for (m, k), v in fd.items() if k == 1 and m != "teacher"}
+    for m, v in ones.items():
+        print(f"{m}: one-step FD {v:.2f} = {t1 / v:.1f}x lower than the teacher's one step ({t1:.2f})")
+    best = min(ones, key=ones.get)
+    print(f"best one-step student: {best}, FD {ones[best]:.2f} = {ones[best] / t25:.2f}x the teacher's 25 steps ({t25:.2f})")

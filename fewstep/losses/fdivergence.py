@@ -85,20 +85,20 @@ class FDivergenceLoss(DistillationLoss):
             "scratch" or a copy of the "student" (which starts as a trained denoiser).
         fake_lora_rank, fake_lora_targets: the adapters of ``teacher_lora`` (targets absent from the network are
             skipped).
-        fake_shares_teacher: set by ``build``: the fake score is the teacher's network with adapters on.
     """
 
     phases = ("fake_score", "discriminator", "generator")
+    #: set by ``build`` for ``teacher_lora``: the fake score is the teacher's network with its adapters on
+    fake_shares_teacher = False
 
     def __init__(self, *, fake_score: Any = None, discriminator: nn.Module | None = None, divergence: str = "reverse_kl",
                  guidance: float | None = None, fake_updates: int = 5, discriminator_updates: int = 1,
                  gan_weight: float = 0.0, t_min: float = 0.02, t_max: float = 0.98, steps: int = 1,
                  ratio_bins: int = 0, ratio_momentum: float = 0.99, regression_weight: float = 0.0,
                  sample_shape: tuple[int, ...] | None = None, fake_init: str | None = None, fake_lora_rank: int = 64,
-                 fake_lora_targets: list[str] | None = None, fake_shares_teacher: bool = False) -> None:
+                 fake_lora_targets: list[str] | None = None) -> None:
         super().__init__()
         self.fake_init, self.fake_lora_rank = fake_init, fake_lora_rank
-        self.fake_shares_teacher = fake_shares_teacher
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
         self.divergence = divergence
         self.h = lookup(WEIGHTINGS, divergence, "divergence")
@@ -132,8 +132,7 @@ class FDivergenceLoss(DistillationLoss):
         self.register_buffer("ratio_mean", torch.ones(max(ratio_bins, 1)))
 
     @classmethod
-    def build(cls, *, teacher=None, student=None, schedule=None, pipeline=None, fake_score_config: dict | None = None,
-              **kwargs: Any) -> "FDivergenceLoss":
+    def build(cls, *, teacher=None, student=None, schedule=None, pipeline=None, **kwargs: Any) -> "FDivergenceLoss":
         """The fake score: a full copy of the teacher's network (a small MLP from scratch for weightless
         teachers); the discriminator: a head on the teacher's features, or on (x_t, t) for toy teachers."""
         from ..discriminators import FeatureDiscriminator, XTDiscriminator
@@ -155,7 +154,6 @@ class FDivergenceLoss(DistillationLoss):
                 if "lora_" in n:
                     p.data = p.data.float()
             fake = type(teacher)(net, teacher.schedule, teacher.prediction_type, null_cond=teacher.null_cond)
-            kwargs["fake_shares_teacher"] = True
         elif init == "teacher":
             fake = copy.deepcopy(teacher).float().requires_grad_(True)
             fake.net.requires_grad_(True)
@@ -172,7 +170,9 @@ class FDivergenceLoss(DistillationLoss):
                 disc = FeatureDiscriminator(teacher)
             else:
                 disc = XTDiscriminator.for_denoiser(student)
-        return cls(fake_score=fake, discriminator=disc, **kwargs)
+        loss = cls(fake_score=fake, discriminator=disc, **kwargs)
+        loss.fake_shares_teacher = init == "teacher_lora"
+        return loss
 
     # ------------------------------------------------------------------ protocol
     def modules_to_train(self) -> dict[str, nn.Module]:
