@@ -108,9 +108,11 @@ def generate_pairs(
     todo = [k for k in range(rank, manifest["num_shards"], world_size) if not shard_ok(directory / shard_name(k))]
     written: list[Path] = []
     teacher = teacher.to(device).eval()
-    for k in tqdm(todo, desc=f"pairs (rank {rank})", disable=not progress):
-        if max_shards is not None and len(written) >= max_shards:
-            break
+    if max_shards is not None:
+        todo = todo[:max_shards]
+    total = sum(min((k + 1) * shard_size, num) - k * shard_size for k in todo)
+    bar = tqdm(total=total, desc=f"pairs (rank {rank})", unit="pair", disable=not progress)
+    for k in todo:
         indices = list(range(k * shard_size, min((k + 1) * shard_size, num)))
         parts: dict[str, list] = {}
         for start in range(0, len(indices), batch_size):
@@ -124,10 +126,12 @@ def generate_pairs(
             for key, value in (("index", torch.tensor(chunk, dtype=torch.long)), ("noise", z), ("x0", x1.float().cpu()),
                                *cond_items.items()):
                 parts.setdefault(key, []).append(value)
+            bar.update(len(chunk))
         tensors = {key: torch.cat(v) for key, v in parts.items() if isinstance(v[0], Tensor)}
         prompts = [p for v in parts.get("prompt", []) for p in v]
         meta = {"prompts": json.dumps(prompts)} if prompts else None
         written.append(save_safetensors_atomic(tensors, directory / shard_name(k), metadata=meta))
+    bar.close()
     return written
 
 

@@ -165,3 +165,36 @@ def test_lora_parameter_count_matches_peft_and_dry_run_compares_full_and_lora(ti
     gib = {m.group(1).strip(): float(m.group(2)) for m in re.finditer(r"^  (.+?)\s+[\d,]+ trainable\s+([\d.]+) GiB", out, re.M)}
     assert gib["fake score as LoRA rank 4 on the teacher (fake_init: teacher_lora)"] < gib["this run"]
     assert gib["LoRA rank 64 student instead of full"] != gib["this run"] and not (tmp_path / "x").exists()
+
+
+def test_lora_on_a_lora_student_chains_base_loras(tmp_path, tiny_dirs, captioned_dir):
+    """Fine-tuning a base + distillation-LoRA student: it loads fused, a new LoRA trains on top, and the
+    export names the distillation LoRA as a base LoRA; plain diffusers (load + fuse the first, load the
+    second) reproduces fewstep's sample."""
+    from fewstep.export import read_meta
+    from fewstep.generate import Generator
+    from fewstep.run import build_loop
+
+    first = _recipe(tmp_path / "a", tiny_dirs["sd"], captioned_dir, "consistency")
+    assert build_loop(first, log=lambda m: None).run().status == "finished"
+    distilled = tmp_path / "a" / "run" / "final"
+    raw = {**first.raw, "student": {"kind": "pretrained", "path": str(distilled)}, "teacher": {"kind": "none"},
+           "loss": {"name": "consistency", "solver": "data", "target": "online", "num_timesteps": 10},
+           "train": {**first.raw["train"], "output_dir": str(tmp_path / "b")}}
+    assert build_loop(validate(raw), log=lambda m: None).run().status == "finished"
+    final = tmp_path / "b" / "final"
+    meta = read_meta(final)
+    assert meta["kind"] == "lora" and meta["base_loras"] == [str(distilled / "pytorch_lora_weights.safetensors")]
+    ours = Generator.load(str(final))(1, seed=0, prompts=[PROMPT])
+
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dirs["sd"])
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(distilled)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(final)
+    pipe.scheduler = diffusers.LCMScheduler.from_pretrained(final / "scheduler")
+    assert torch.allclose(_one_step(pipe), ours, atol=1e-5)

@@ -22,14 +22,15 @@ ASSET_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "digits_teac
 REFLOW_STAGES = [{"name": "pairs", "kind": "pairs"},
                  {"name": "distill", "loss": {"name": "flow_distill", "steps": 1, "distance": "l2"},
                   "data": {"name": "pairs", "path": "stage:pairs"}, "sample": {"solver": "euler", "steps": 1}}]
-#: (name, recipe, its stages in the demo, loop steps per student update: None = one cycle of the loss's phases)
+#: (name, recipe, its stages in the demo, loop steps per student update (None: one cycle of the loss's
+#: phases), reads the reflow student's teacher pairs (f-distill: real data and regression targets))
 METHODS = (
-    ("reflow", "digits_reflow", REFLOW_STAGES, 1),
-    ("consistency", "digits_cd", [], 1),
-    ("fdistill_js", "digits_fdistill", [], None),
+    ("reflow", "digits_reflow", REFLOW_STAGES, 1, False),
+    ("consistency", "digits_cd", [], 1, False),
+    ("fdistill_js", "digits_fdistill", [], None, True),
 )
-FULL = {"updates": 600, "num": 1000, "pairs": 4000, "repeats": 20}
-QUICK = {"updates": 20, "num": 200, "pairs": 200, "repeats": 3}
+FULL = {"updates": 300, "num": 1000, "pairs": 4000, "repeats": 10, "batch": 32}
+QUICK = {"updates": 20, "num": 200, "pairs": 200, "repeats": 3, "batch": 32}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -57,8 +58,8 @@ def teacher_dir(out: Path, log=print) -> Path:
     return out / "teacher" / "final"
 
 
-def student_recipe(name: str, recipe: str, stages: list[dict], per_update: int | None, teacher: Path, out: Path,
-                   settings: dict[str, Any]):
+def student_recipe(name: str, recipe: str, stages: list[dict], per_update: int | None, shared_pairs: bool,
+                   teacher: Path, out: Path, settings: dict[str, Any]):
     """The shipped recipe with the shipped teacher, ``updates`` student updates and demo-sized pairs."""
     from ..config import load_recipe, validate
 
@@ -71,7 +72,11 @@ def student_recipe(name: str, recipe: str, stages: list[dict], per_update: int |
     cycle = per_update or (loss.get("fake_updates", 5) + loss.get("discriminator_updates", 1) + 1)
     if "pairs" in raw:
         raw["pairs"] = {**raw["pairs"], "num": settings["pairs"], "shard_size": settings["pairs"]}
+    if shared_pairs:
+        raw["data"] = {"name": "pairs", "path": str(out / "reflow" / "pairs" / "pairs")}
+    # every student: the same batch and updates; EMA 0.99 (0.999 would still be mostly the initial weights)
     raw["train"] = {**raw["train"], "output_dir": str(out / name), "max_steps": settings["updates"] * cycle,
+                    "batch_size": settings["batch"], "ema_decay": 0.99,
                     "checkpoint_every": max(1, settings["updates"] * cycle // 4), "sample_every": 0, "eval_every": 0}
     raw.pop("evaluation", None)
     return validate(raw)
@@ -97,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     if report.exists() and any(report.iterdir()):
         raise FewstepError(f"{report} already holds a report; choose another --out (nothing is overwritten)")
     teacher = teacher_dir(out)
-    recipes = {name: student_recipe(name, rec, stages, per, teacher, out, settings) for name, rec, stages, per in METHODS}
+    recipes = {m[0]: student_recipe(*m, teacher, out, settings) for m in METHODS}
     print(f"fewstep demo: the digits teacher ({teacher}) distilled to one step three ways, "
           f"{settings['updates']} student updates each; evaluation on {settings['num']} samples")
     for name, recipe in recipes.items():
