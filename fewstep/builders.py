@@ -14,7 +14,7 @@ from torch import Tensor
 from .config import ModelSection, Recipe, check_kwargs
 from .data.plan import ArrayDataset, is_stream
 from .denoisers import Denoiser, MixtureDenoiser, MLPDenoiser, MLPNet, SD3Denoiser, UNetDenoiser
-from .errors import FewstepError, lookup
+from .errors import FewstepError, check_choice, lookup
 from .generate import cycling_conditions
 from .loop import LoopSettings, PhaseOptimizer, optimizer_classes, scheduler_names
 from .losses import loss_class
@@ -108,6 +108,9 @@ def check_recipe(recipe: Recipe) -> None:
     name, kw = _split(recipe.loss)
     cls = loss_class(name)
     check_kwargs(cls, kw, "loss", skip=LOSS_INJECTED)
+    for key, valid in getattr(cls, "choices", {}).items():
+        if key in kw:
+            check_choice(kw[key], valid, key)
     if not recipe.data:
         raise FewstepError("missing section data (with data.name)")
     name, kw = _split(recipe.data)
@@ -123,7 +126,6 @@ def check_recipe(recipe: Recipe) -> None:
         raise FewstepError(f"unknown lr_scheduler.name {recipe.lr_scheduler.name!r}; valid: {', '.join(scheduler_names())}")
     lookup(SOLVERS, recipe.sample.solver, "sample.solver")
     if recipe.evaluation is not None:
-        from .config import check_choice
         from .eval.evaluate import FEATURES
 
         check_choice(recipe.evaluation.features, FEATURES, "evaluation.features")

@@ -141,6 +141,10 @@ def save_checkpoint(root: Path, step: int, groups: dict[str, dict[str, Tensor]],
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
+    except OSError as e:  # a full disk, a quota, a vanished mount: the previous checkpoint stays the newest
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FewstepError(f"could not write checkpoint {final}: {e.strerror or e}; the previous checkpoint is kept "
+                           "and the run can resume from it") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

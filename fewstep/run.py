@@ -167,10 +167,15 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print) -> LoopRes
     """Run a recipe; with stages, run each in order, skipping stages already finished."""
     if not recipe.stages:
         return run_single(recipe, log=log)
+    from .builders import check_pairs, check_recipe
+
+    stages = stage_recipes(recipe)
+    for _, kind, sub in stages:  # a typo in the last stage is refused before the first one trains
+        (check_pairs if kind == "pairs" else check_recipe)(sub)
     prepare_run_dir(recipe)
     outputs: dict[str, Path] = {}
     result = None
-    for name, kind, sub in stage_recipes(recipe):
+    for name, kind, sub in stages:
         out = Path(sub.train.output_dir)
         if (out / "DONE").exists() and ((out / "final").is_dir() or kind == "pairs"):
             log(f"fewstep: stage {name} already finished, skipping")

@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()):
         raise FewstepError(f"{out} exists and is not empty; choose a new --out (nothing is overwritten)")
     todo = entries(args)
-    features = args.features or ("digits" if args.reference == "digits" else "inception")
+    features = args.features or ("digits" if args.reference.split(":")[0] == "digits" else "inception")
     extract, protocol = make_extractor(features, inception_weights=args.inception_weights)
     reference = reference_from(args.reference, extract)
     from ..eval.latency import measure

@@ -33,9 +33,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out and Path(args.out).exists():
         raise FewstepError(f"{args.out} exists; choose another --out (nothing is overwritten)")
-    features = args.features or ("digits" if args.reference == "digits" else "inception")
+    features = args.features or ("digits" if args.reference.split(":")[0] == "digits" else "inception")
     extract, protocol = make_extractor(features, inception_weights=args.inception_weights,
                                        preprocessing=args.preprocessing, dinov2=args.dinov2)
+    reference = reference_from(args.reference, extract)  # a bad reference is refused before any sampling
     sampler = None
     if args.model:
         from ..generate import Generator
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
                    **({"guidance": args.guidance} if args.guidance is not None else {}), "seed": args.seed}
     else:
         samples = load_images(args.samples)
-    result = {"features": protocol, **evaluate(samples, extract, reference_from(args.reference, extract), seed=args.seed)}
+    result = {"features": protocol, **evaluate(samples, extract, reference, seed=args.seed)}
     if sampler:
         result["sampler"] = sampler
     text = json.dumps(result, indent=2)

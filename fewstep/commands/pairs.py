@@ -19,12 +19,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..builders import check_pairs
     from ..run import prepare_run_dir, run_pairs, run_pairs_stage, stage_recipes
 
     recipe = load_recipe(args.recipe, args.overrides)
     if not recipe.stages:
         if args.stage:
             raise FewstepError(f"--stage {args.stage}: recipe {recipe.name} has no stages")
+        check_pairs(recipe)  # refused before the run directory exists
         prepare_run_dir(recipe)
         run_pairs(recipe, progress=recipe.train.progress)
         return 0

@@ -33,6 +33,8 @@ class DistillationLoss(nn.Module):
     phases: tuple[str, ...] = ("student",)
     #: the data a loss needs: "x0" (images/latents/vectors) and/or "cond" (prompts, labels)
     needs: tuple[str, ...] = ("x0",)
+    #: valid values of name-valued arguments, checked with the recipe before any stage runs
+    choices: dict[str, tuple[str, ...]] = {}
 
     def modules_to_train(self) -> dict[str, nn.Module]:
         """Trainable networks the loss owns (not the student), by name; checkpointed by the loop."""

@@ -51,6 +51,8 @@ class ConsistencyDistillationLoss(DistillationLoss):
     """
 
     needs = ("x0",)
+    choices = {"solver": (*(k for k in SOLVERS if k not in ("consistency", "renoise")), "data"), "target": TARGETS,
+               "distance": tuple(DISTANCES), "gan_loss": GAN_LOSSES}
 
     def __init__(self, *, teacher=None, student=None, num_timesteps: int = 50, solver: str = "ddim",
                  guidance_min: float | None = None, guidance_max: float | None = None, target: str = "ema",

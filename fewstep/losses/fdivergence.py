@@ -88,6 +88,7 @@ class FDivergenceLoss(DistillationLoss):
     """
 
     phases = ("fake_score", "discriminator", "generator")
+    choices = {"divergence": tuple(WEIGHTINGS), "fake_init": (*FAKE_INITS[True], *FAKE_INITS[False])}
     #: set by ``build`` for ``teacher_lora``: the fake score is the teacher's network with its adapters on
     fake_shares_teacher = False
 

@@ -38,6 +38,8 @@ class FlowDistillLoss(DistillationLoss):
         decode: compare images decoded by the pipeline's VAE (differentiably) instead of latents.
     """
 
+    choices = {"distance": DISTANCE_NAMES}
+
     needs = ("x0", "noise")
 
     def __init__(self, *, steps: int = 1, distance: str = "l2", huber_c: float = 0.001, lpips_weights: str | None = None,

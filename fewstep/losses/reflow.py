@@ -32,6 +32,8 @@ class ReflowLoss(DistillationLoss):
         t_eps: the excluded sliver at the noise end in InstaFlow's time.
     """
 
+    choices = {"time_sampling": TIME_SAMPLING}
+
     needs = ("x0", "noise")
 
     def __init__(self, *, time_sampling: str = "uniform", t_eps: float = 1e-3, logit_mean: float = 0.0,

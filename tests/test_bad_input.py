@@ -1,0 +1,112 @@
+"""Bad input to `fewstep distill` and the other verbs, in-process: each case gives exactly one line on
+stderr naming the problem, exit code 2, and leaves the output directory as it was (absent, or
+untouched). tests/test_loop.py covers the plain recipe-key errors."""
+from PIL import Image
+
+from fewstep.cli import main
+
+
+def _images(root, mode="RGB", size=32, extra=None):
+    root.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, (size, size)).save(root / ("a.jpg" if mode == "CMYK" else "a.png"))
+    (root / "a.txt").write_text("a digit")
+    if extra:
+        (root / extra).write_text("not an image")
+    return root
+
+
+def _cases(tmp, tiny):
+    sd = str(tiny["sd"])
+    out = f"train.output_dir={tmp / 'out'}"
+    empty = tmp / "empty.txt"
+    empty.write_text("\n  \n")
+    bad_yaml = tmp / "bad.yaml"
+    bad_yaml.write_text("name: x\nloss: [unclosed\n")
+    gray = _images(tmp / "gray", mode="CMYK")
+    junk = _images(tmp / "junk", extra="notes.pdf")
+    return [
+        (["distill", "sd15_dmd", out, "teacher.path=/no/such/model"], "model path /no/such/model does not exist"),
+        (["distill", "sd15_dmd", out, "teacher.path=someorg/somemodel"], "HF_HUB_OFFLINE=1 forbids downloading it"),
+        (["distill", "sd15_dmd", out, f"teacher.path={tmp}"], "is not a diffusers model directory"),
+        (["distill", "sd15_dmd", out, f"teacher.path={sd}", f"data.path={empty}"], "no prompts"),
+        (["distill", "sd15_dmd", out, f"teacher.path={sd}", "data.path=/no/prompts.txt"], "/no/prompts.txt"),
+        (["distill", "sd15_lcm_lora", out, f"teacher.path={sd}", f"data.root={gray}", "data.resolution=32"],
+         "unsupported image mode CMYK"),
+        (["distill", "sd15_lcm_lora", out, f"teacher.path={sd}", f"data.root={junk}", "data.resolution=32"],
+         "notes.pdf is not an image"),
+        (["distill", "sd15_lcm_lora", out, f"teacher.path={sd}", f"data.root={tmp / 'none'}"], "does not exist"),
+        (["distill", "sd15_lcm_lora", out, f"teacher.path={sd}", "lora.target_modules=[to_qq]"],
+         "LoRA target module 'to_qq' matches no layer"),
+        (["distill", "sd15_lcm_lora", out, f"teacher.path={sd}", "lora.rank=0"], "lora.rank must be at least 1"),
+        (["distill", "gmm_fdistill", out, "loss.divergence=jensen-shannon"], "unknown divergence 'jensen-shannon'; valid:"),
+        (["distill", "gmm_fdistill", out, "loss.fake_init=copy"], "unknown fake_init 'copy'"),
+        (["distill", "sd15_dmd", out, f"teacher.path={sd}", "loss.divergence=forward_kl"], "needs gan_weight > 0"),
+        (["distill", "sd15_lcm", out, f"teacher.path={sd}", "loss.guidance_min=5", "loss.guidance_max=2"],
+         "exceeds guidance_max"),
+        (["distill", "gmm_cd", out, "loss.solver=rk4"], "unknown solver 'rk4'"),
+        (["distill", "sd15_lcm", out, "teacher.kind=none"], "needs a teacher"),
+        (["distill", "digits_teacher", out, "data.classes=[11]"], "unknown digit class(es) [11]; valid: 0..9"),
+        (["distill", "gmm_teacher", out, "sample.steps=0"], "sample.steps and sample.num must be at least 1"),
+        (["distill", "gmm_teacher", out, "student.path=stage:nope", "student.kind=pretrained"], "no earlier stage named 'nope'"),
+        (["distill", str(bad_yaml)], "bad.yaml"),
+        (["sample", "--model", str(tmp / "nomodel"), "--num", "2", "--out", str(tmp / "s.png")], "not a fewstep model directory"),
+        (["sample", "--model", "fewstep/assets/digits_teacher", "--num", "2", "--steps", "0", "--out", str(tmp / "s.png")],
+         "at least 1"),
+        (["sample", "--model", "fewstep/assets/digits_teacher", "--num", "2", "--class", "12", "--out", str(tmp / "s.png")],
+         "class must be in 0..9"),
+        (["eval", "--model", "fewstep/assets/digits_teacher", "--num", "4", "--reference", "digits:1,x"], "digits:C,C"),
+        (["lora", "fuse", "fewstep/assets/digits_teacher", "--out", str(tmp / "fused")], "not a LoRA"),
+        (["pairs", "gmm_teacher", out], "pairs"),
+        (["demo", "--updates", "-3", "--out", str(tmp / "out")], "--updates must be >= 1"),
+        (["bench", "--teacher", "fewstep/assets/digits_teacher", "--teacher-steps", "1,x", "--out", str(tmp / "out")],
+         "comma-separated integers"),
+    ]
+
+
+def test_bad_input_gives_one_line_exit_2_and_writes_nothing(tmp_path, tiny_dirs, capsys):
+    cases = _cases(tmp_path, tiny_dirs)
+    assert len(cases) >= 28
+    for argv, expected in cases:
+        code = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and expected in err[0], (argv, code, err)
+        assert not (tmp_path / "out").exists(), argv
+        assert not (tmp_path / "s.png").exists() and not (tmp_path / "fused").exists(), argv
+
+
+def test_a_directory_holding_another_run_is_refused_untouched(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["distill", "gmm_teacher", f"train.output_dir={out}", "train.max_steps=2", "train.progress=false"]) == 0
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    assert main(["distill", "gmm_cd", f"train.output_dir={out}", "train.max_steps=2", "train.progress=false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a run of a different recipe" in err[0]
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, capsys):
+    """A checkpoint write that fails with ENOSPC leaves the earlier checkpoint intact and the newest readable."""
+    import errno
+
+    from fewstep import checkpoint
+    from fewstep.checkpoint import latest_intact, load_checkpoint
+
+    out = tmp_path / "run"
+    args = ["distill", "gmm_teacher", f"train.output_dir={out}", "train.max_steps=4", "train.checkpoint_every=2",
+            "train.progress=false"]
+    real = checkpoint.save_safetensors_atomic
+
+    def full_disk(tensors, path, *a, **k):
+        if "step-00000004" in str(path):  # the first checkpoint succeeds; the second hits a full disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(checkpoint, "save_safetensors_atomic", full_disk)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "previous checkpoint is kept" in err[0], err
+    newest = latest_intact(out / "checkpoints", report=lambda m: None)
+    assert newest is not None and newest.name == "step-00000002"
+    load_checkpoint(newest)  # intact
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name != "step-00000002"]
