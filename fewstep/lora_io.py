@@ -8,6 +8,7 @@ scheduler to use in ``scheduler/``, ``fewstep.json`` naming the base pipeline, a
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -42,34 +43,33 @@ def save_pipeline_lora(pipeline, net: nn.Module, directory: Path, adapter_name: 
     return directory / LORA_WEIGHTS
 
 
-def load_lora(pipe, path: str | Path, adapter_name: str | None = None) -> None:
+class _Collect(logging.Handler):
+    """Keeps the messages of warnings (diffusers reports unloaded LoRA keys as warnings on its logger)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def load_lora(pipe, path: str | Path) -> None:
     """``pipe.load_lora_weights(path)``, refusing any key diffusers leaves unloaded (one clear line)."""
     from diffusers.utils import logging as dlog
 
-    messages: list[str] = []
-
-    class Catch:  # diffusers reports unloaded keys as warnings on its logger
-        def write(self, msg: str) -> None:
-            messages.append(msg)
-
-        def flush(self) -> None:
-            pass
-
-    import logging
-
-    handler = logging.StreamHandler(Catch())
-    handler.setLevel(logging.WARNING)
+    handler = _Collect()
     loggers = [dlog.get_logger("diffusers"), logging.getLogger("peft")]
     for lg in loggers:
         lg.addHandler(handler)
     try:
         path = Path(path)
         pipe.load_lora_weights(str(path.parent if path.is_file() else path),
-                               weight_name=path.name if path.is_file() else LORA_WEIGHTS, adapter_name=adapter_name)
+                               weight_name=path.name if path.is_file() else LORA_WEIGHTS)
     finally:
         for lg in loggers:
             lg.removeHandler(handler)
-    bad = [m for m in messages if "not" in m.lower() and ("key" in m.lower() or "load" in m.lower())]
+    bad = [m for m in handler.messages if "not" in m.lower() and ("key" in m.lower() or "load" in m.lower())]
     if bad:
         raise FewstepError(f"LoRA {path} did not load cleanly: {bad[0].strip().splitlines()[0]}")
 

@@ -102,9 +102,7 @@ class LoadedPipeline:
     def set_scheduler(self, scheduler) -> None:
         """Use ``scheduler`` (its schedule and prediction type become the pipeline's)."""
         self.pipe.scheduler = scheduler
-        config = dict(scheduler.config)
-        config["_class_name"] = type(scheduler).__name__
-        self.schedule, self.prediction_type = schedule_from_config(config), prediction_type_from_config(config)
+        self.schedule, self.prediction_type = _read_scheduler(scheduler)
 
     # ------------------------------------------------------------------ text
     @torch.no_grad()
@@ -217,9 +215,13 @@ def load_pipeline(name: str, *, dtype: torch.dtype = torch.float32, device: str 
         raise FewstepError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    sched_config = dict(pipe.scheduler.config)
-    sched_config["_class_name"] = type(pipe.scheduler).__name__
     local = Path(name).expanduser()
     base = str(local.resolve()) if local.exists() else name  # a hub id stays a hub id
-    return LoadedPipeline(family, pipe, schedule_from_config(sched_config), prediction_type_from_config(sched_config),
-                          origin={"base": base, "base_loras": []})
+    return LoadedPipeline(family, pipe, *_read_scheduler(pipe.scheduler), origin={"base": base, "base_loras": []})
+
+
+def _read_scheduler(scheduler) -> tuple[Schedule, str]:
+    """fewstep's schedule and prediction type of a diffusers scheduler."""
+    config = dict(scheduler.config)
+    config["_class_name"] = type(scheduler).__name__
+    return schedule_from_config(config), prediction_type_from_config(config)

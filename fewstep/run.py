@@ -133,6 +133,18 @@ def stage_recipes(recipe: Recipe) -> list[tuple[str, str, Recipe]]:
     return out
 
 
+def check_stages(recipe: Recipe) -> list[tuple[str, str, Recipe]]:
+    """Check a recipe (each of its stages, if it has any) without loading models or data; return its stages."""
+    from .builders import check_pairs, check_recipe
+
+    if not recipe.stages:
+        check_recipe(recipe)
+    stages = stage_recipes(recipe)
+    for _, kind, sub in stages:
+        (check_pairs if kind == "pairs" else check_recipe)(sub)
+    return stages
+
+
 def run_pairs_stage(recipe: Recipe, *, stage_outputs: dict[str, Path], log: Callable[[str], None] = print) -> None:
     """A stage of kind pairs: its run directory, its pairs, then its DONE marker."""
     prepare_run_dir(recipe)
@@ -167,11 +179,7 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print) -> LoopRes
     """Run a recipe; with stages, run each in order, skipping stages already finished."""
     if not recipe.stages:
         return run_single(recipe, log=log)
-    from .builders import check_pairs, check_recipe
-
-    stages = stage_recipes(recipe)
-    for _, kind, sub in stages:  # a typo in the last stage is refused before the first one trains
-        (check_pairs if kind == "pairs" else check_recipe)(sub)
+    stages = check_stages(recipe)  # a typo in the last stage is refused before the first one trains
     prepare_run_dir(recipe)
     outputs: dict[str, Path] = {}
     result = None

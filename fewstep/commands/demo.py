@@ -62,6 +62,7 @@ def student_recipe(name: str, recipe: str, stages: list[dict], per_update: int |
                    teacher: Path, out: Path, settings: dict[str, Any]):
     """The shipped recipe with the shipped teacher, ``updates`` student updates and demo-sized pairs."""
     from ..config import load_recipe, validate
+    from ..run import pairs_dir
 
     raw = copy.deepcopy(load_recipe(recipe).raw)
     raw["teacher"] = {"kind": "pretrained", "path": str(teacher)}
@@ -73,7 +74,7 @@ def student_recipe(name: str, recipe: str, stages: list[dict], per_update: int |
     if "pairs" in raw:
         raw["pairs"] = {**raw["pairs"], "num": settings["pairs"], "shard_size": settings["pairs"]}
     if shared_pairs:
-        raw["data"] = {"name": "pairs", "path": str(out / "reflow" / "pairs" / "pairs")}
+        raw["data"] = {"name": "pairs", "path": str(pairs_dir(out / "reflow" / "pairs"))}
     # every student: the same batch and updates; EMA 0.99 (0.999 would still be mostly the initial weights)
     raw["train"] = {**raw["train"], "output_dir": str(out / name), "max_steps": settings["updates"] * cycle,
                     "batch_size": settings["batch"], "ema_decay": 0.99,
@@ -89,6 +90,7 @@ def final_dir(recipe, out: Path, name: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     from ..run import run_recipe
     from .bench import run as bench
+    from .distill import EXIT
 
     settings = dict(QUICK if args.quick else FULL)
     if args.updates is not None:
@@ -110,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         result = run_recipe(recipe)
         if result.status != "finished":
             print(f"fewstep demo: {name} stopped ({result.status}); run the same command to resume")
-            return 75 if result.status == "time_limit" else 130
+            return EXIT[result.status]
     students = [f"{name}={final_dir(recipe, out, name)}" for name, recipe in recipes.items()]
     bench(argparse.Namespace(teacher=str(teacher), teacher_steps="1,2,4,8,25", student=students, student_steps="1,2,4",
                              num=settings["num"], seed=0, reference="digits", features=None, inception_weights=None,

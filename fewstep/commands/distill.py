@@ -74,18 +74,16 @@ def _estimate(recipe, stage_outputs: dict) -> None:
     here = estimate([student, teacher, *extra.values()], optimizer=opt, ema_params=s_train if ema else 0)
     rows = [("this run", here.trainable, here.gib)]
     lora_rank = recipe.lora.rank if recipe.lora is not None else 64
-    targets = recipe.lora.target_modules if recipe.lora is not None else FAKE_LORA_TARGETS
-    if recipe.lora is not None:  # the same run training the whole student
-        full = s_train + s_frozen - s_train  # base weights, already counted once
-        delta = (full - s_train) * (per_trained + (4 if ema else 0)) - s_train * 4  # adapters' own weights go
-        rows.append(("full student instead of LoRA", here.trainable - s_train + full, (here.bytes + delta) / 2**30))
+    if recipe.lora is not None:  # the same run training the whole student: its base weights (already counted once)
+        delta = (s_frozen - s_train) * (per_trained + (4 if ema else 0)) - s_train * 4  # adapters' own weights go
+        rows.append(("full student instead of LoRA", here.trainable - s_train + s_frozen, (here.bytes + delta) / 2**30))
     else:
-        n = lora_parameter_count(student, lora_rank, [t for t in targets if t])
+        n = lora_parameter_count(student, lora_rank, FAKE_LORA_TARGETS)
         delta = (n - s_train) * (per_trained + (4 if ema else 0)) + n * 4
         rows.append((f"LoRA rank {lora_rank} student instead of full", here.trainable - s_train + n, (here.bytes + delta) / 2**30))
     fake = extra.get("fake_score")
     if fake is not None and fake is not teacher and teacher is not None:  # f-distill with a full fake-score copy
-        f_train, f_frozen = _count(fake)
+        f_train = _count(fake)[0]
         rank = getattr(b.loss, "fake_lora_rank", lora_rank)
         n = lora_parameter_count(teacher, rank, FAKE_LORA_TARGETS)
         saved = sum(p.numel() * p.element_size() for p in fake.parameters()) + f_train * per_trained

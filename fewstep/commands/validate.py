@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..builders import check_pairs, check_recipe
 from ..config import load_recipe
 
 
@@ -15,12 +14,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..run import stage_recipes
+    from ..run import check_stages
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    if not recipe.stages:
-        check_recipe(recipe)
-    for _, kind, stage in stage_recipes(recipe):
-        (check_pairs if kind == "pairs" else check_recipe)(stage)
+    check_stages(load_recipe(args.recipe, args.overrides))
     print(f"{args.recipe}: ok")
     return 0

@@ -99,7 +99,7 @@ class FDivergenceLoss(DistillationLoss):
                  sample_shape: tuple[int, ...] | None = None, fake_init: str | None = None, fake_lora_rank: int = 64,
                  fake_lora_targets: list[str] | None = None) -> None:
         super().__init__()
-        self.fake_init, self.fake_lora_rank = fake_init, fake_lora_rank
+        self.fake_lora_rank = fake_lora_rank  # read by `--dry-run`
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
         self.divergence = divergence
         self.h = lookup(WEIGHTINGS, divergence, "divergence")
