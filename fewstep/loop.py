@@ -168,6 +168,11 @@ class Loop:
                                    log_with=trackers, project_dir=str(s.output_dir))
         except (ValueError, ImportError) as e:
             raise FewstepError(f"accelerate cannot start: {str(e).splitlines()[0]}") from None
+        kind = self.acc.distributed_type.value
+        if kind != "NO" and not kind.startswith("MULTI_"):
+            raise FewstepError(f"accelerate's distributed_type {kind} is not supported (checkpoints and the EMA read whole, "
+                               "unsharded parameters); use DistributedDataParallel: distributed_type MULTI_GPU "
+                               "(recipes/accelerate/)")
         device = self.acc.device
         self.student = student.to(device)
         if teacher is not None:
@@ -176,6 +181,16 @@ class Loop:
         self.modules: dict[str, nn.Module] = {"student": student.net, **loss.modules_to_train()}
         for name in self.modules:
             self.modules[name].train()
+        world = self.acc.num_processes
+        if s.batch_size % world:
+            raise FewstepError(f"train.batch_size {s.batch_size} does not split evenly across {world} processes; "
+                               f"use a multiple of {world} (it is the batch of all processes together)")
+        # accelerate wraps each trained network (DistributedDataParallel when several processes run); the
+        # student and the loss call the wrappers, whose backward averages gradients across processes
+        self.wrapped = {n: self.acc.prepare_model(m) for n, m in self.modules.items()}
+        for w in self.wrapped.values():  # drop the autocast prepare puts on each forward: the loss runs under the
+            self.acc.unwrap_model(w, keep_fp32_wrapper=False)  # loop's autocast, and a float16 teacher opts out of it
+        self._install(self.wrapped)
         self.phase_steps = {p: 0 for p in loss.phases}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, Any] = {}
@@ -207,13 +222,34 @@ class Loop:
         self.student_params = list(student_trainable.values())  # cached: walking modules each step is slow
         if s.ema_decay is not None:
             self.ema = [p.detach().float().clone() for p in self.student_params]
-        self.plan = BatchPlan(None if is_stream(dataset) else len(dataset), s.batch_size, s.grad_accum,
-                              self.acc.num_processes, s.seed)
+        self.plan = BatchPlan(None if is_stream(dataset) else len(dataset), s.batch_size // world, s.grad_accum,
+                              world, s.seed)
         self.dataset = dataset
         self.best: float | None = None
         self.step = 0
         self.ckpt_root = Path(s.output_dir) / "checkpoints"
         self.log_path = Path(s.output_dir) / "log.jsonl"
+
+    # ------------------------------------------------------------------ accelerate's wrappers
+    def _install(self, modules: dict[str, nn.Module]) -> None:
+        for name, m in modules.items():
+            if name == "student":
+                self.student.net = m
+            else:
+                self.loss.swap_module(name, m)
+
+    @contextlib.contextmanager
+    def bare(self):
+        """The bare networks in place of accelerate's wrappers (sampling, evaluation and export run on the
+        main process alone, where a wrapper's forward would wait for the other processes)."""
+        if all(w is self.modules[n] for n, w in self.wrapped.items()):
+            yield
+            return
+        self._install(self.modules)
+        try:
+            yield
+        finally:
+            self._install(self.wrapped)
 
     # ------------------------------------------------------------------ EMA
     @torch.no_grad()
@@ -305,11 +341,22 @@ class Loop:
 
     # ------------------------------------------------------------------ one step
     def _no_sync(self, phase: str, last: bool):
+        """Gradients are averaged across processes once per optimizer step (the last micro-batch), and only
+        for the networks the phase trains (the others may get gradients, which are thrown away)."""
         stack = contextlib.ExitStack()
-        if not last and self.acc.num_processes > 1:
-            for n in self.loss.phase_modules(phase):
-                stack.enter_context(self.acc.no_sync(self.modules[n]))
+        if self.acc.num_processes > 1:
+            trained = self.loss.phase_modules(phase)
+            for n, m in self.wrapped.items():
+                if not last or n not in trained:
+                    stack.enter_context(self.acc.no_sync(m))
         return stack
+
+    def _everywhere(self, flag: bool) -> bool:
+        """True when ``flag`` holds on every process (so all of them skip or stop together)."""
+        if self.acc.num_processes == 1:
+            return flag
+        t = torch.tensor([0.0 if flag else 1.0], device=self.acc.device)
+        return bool(self.acc.reduce(t, reduction="sum").item() == 0)
 
     def train_step(self, source: BatchSource) -> dict[str, Any]:
         phase = self.loss.phase_for(self.step)
@@ -334,6 +381,7 @@ class Loop:
             norm = self.acc.clip_grad_norm_(params, self.s.clip_grad_norm)
             logs["grad_norm"] = norm.detach() if isinstance(norm, Tensor) else float(norm)
             finite = finite and bool(torch.isfinite(torch.as_tensor(norm)))
+        finite = self._everywhere(finite)
         if not finite:
             for opt in self.optimizers.values():
                 opt.zero_grad(set_to_none=True)
@@ -357,6 +405,14 @@ class Loop:
         return logs
 
     # ------------------------------------------------------------------ run
+    def _mean_over_processes(self, values: dict[str, Any]) -> dict[str, float]:
+        """Logged values averaged over the processes (each saw its own part of the batch)."""
+        if self.acc.num_processes == 1 or not values:
+            return {k: float(v) for k, v in values.items()}
+        t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=self.acc.device)
+        t = self.acc.reduce(t, reduction="mean")
+        return dict(zip(values, t.tolist()))
+
     def _write_log(self, row: dict[str, Any]) -> None:
         if self.acc.is_main_process:
             with open(self.log_path, "a") as f:
@@ -367,7 +423,7 @@ class Loop:
     def _samples(self) -> None:
         if self.sample_fn is None or self.save_samples is None or not self.acc.is_main_process:
             return
-        with self.ema_weights():
+        with self.bare(), self.ema_weights():
             self.student.eval()
             samples = self.sample_fn(self.student)
             self.student.train()
@@ -377,7 +433,7 @@ class Loop:
         if self.evaluate is None or not self.acc.is_main_process:
             return
         improved = False
-        with self.ema_weights():
+        with self.bare(), self.ema_weights():
             self.student.eval()
             metrics = self.evaluate(self.student, self.step)
             self.student.train()
@@ -395,6 +451,9 @@ class Loop:
         if resume is not None:
             self.restore(resume)
             self.log(f"fewstep: resumed from {resume} at step {self.step}")
+        if self.acc.num_processes > 1 and self.acc.is_main_process:
+            self.log(f"fewstep: {self.acc.num_processes} processes ({self.acc.distributed_type.value}), "
+                     f"{self.plan.b} samples each per micro-batch")
         if s.trackers and self.acc.is_main_process:
             self.acc.init_trackers(Path(s.output_dir).name)
         source = BatchSource(self.dataset, self.plan, rank=self.acc.process_index, start_step=self.step,
@@ -422,7 +481,7 @@ class Loop:
                 if self.step % s.log_every == 0 or self.step == s.max_steps:
                     now = time.monotonic()
                     row = {"step": self.step, "phase": logs["phase"], "it_s": count / max(now - window_start, 1e-9),
-                           **{k: float(v) / acc_counts[k] for k, v in acc_logs.items()}}
+                           **self._mean_over_processes({k: v / acc_counts[k] for k, v in acc_logs.items()})}
                     bar.set_postfix(loss=f"{row['loss']:.4g}", refresh=False)
                     self._write_log(row)
                     acc_logs, acc_counts, count, window_start = {}, {}, 0, now
@@ -456,7 +515,7 @@ class Loop:
 
         tmp = target.with_name(f".{target.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        with (self.ema_weights() if ema else contextlib.nullcontext()):
+        with self.bare(), (self.ema_weights() if ema else contextlib.nullcontext()):
             self.export(self.student, tmp)
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)

@@ -25,8 +25,35 @@ RUN_FILES = ("checkpoints", "final", "best", "samples", "log.jsonl", "recipe.yam
 STAGE_KINDS = ("distill", "pairs", "recipe")
 
 
+def processes():
+    """accelerate's view of the processes of this launch (one, unless started by accelerate launch/torchrun)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def prepare_run_dir(recipe: Recipe) -> Path:
-    """Check ``train.output_dir`` against the recipe; clear it when overwriting; save the resolved recipe."""
+    """Check ``train.output_dir`` against the recipe (every process); then the main process clears it when
+    overwriting and saves the resolved recipe, while the others wait."""
+    state = processes()
+    out = check_run_dir(recipe)
+    state.wait_for_everyone()  # all have looked before the main process writes
+    if state.is_main_process:
+        _write_run_dir(recipe)
+    state.wait_for_everyone()
+    return out
+
+
+def mark_done(recipe: Recipe, text: str) -> None:
+    """Write the run's DONE marker (main process)."""
+    state = processes()
+    if state.is_main_process:
+        (Path(recipe.train.output_dir) / "DONE").write_text(text)
+    state.wait_for_everyone()
+
+
+def check_run_dir(recipe: Recipe) -> Path:
+    """Refuse a ``train.output_dir`` that holds something else than this recipe's run (writes nothing)."""
     out = Path(recipe.train.output_dir)
     saved = out / "recipe.yaml"
     overwrite = recipe.train.overwrite
@@ -40,19 +67,23 @@ def prepare_run_dir(recipe: Recipe) -> Path:
     elif out.exists() and any(out.iterdir()) and not overwrite:
         raise FewstepError(f"{out} exists, is not empty and holds no fewstep run; choose another train.output_dir "
                            f"or set train.overwrite=true")
-    if overwrite:
+    if not overwrite and recipe.train.resume == "none" and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+        raise FewstepError(f"{out} holds checkpoints and train.resume=none; set train.resume=auto to continue "
+                           f"or train.overwrite=true to start over")
+    return out
+
+
+def _write_run_dir(recipe: Recipe) -> None:
+    out, saved = Path(recipe.train.output_dir), Path(recipe.train.output_dir) / "recipe.yaml"
+    if recipe.train.overwrite:
         for name in RUN_FILES:
             p = out / name
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-    elif recipe.train.resume == "none" and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
-        raise FewstepError(f"{out} holds checkpoints and train.resume=none; set train.resume=auto to continue "
-                           f"or train.overwrite=true to start over")
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(recipe.to_yaml(), saved)
-    return out
 
 
 def build_loop(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None, log: Callable[[str], None] = print,
@@ -72,7 +103,7 @@ def run_single(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None, 
     prepare_run_dir(recipe)
     result = loop.run()
     if result.status == "finished":
-        (Path(recipe.train.output_dir) / "DONE").write_text(f"{result.step}\n")
+        mark_done(recipe, f"{result.step}\n")
     return result
 
 
@@ -149,7 +180,7 @@ def run_pairs_stage(recipe: Recipe, *, stage_outputs: dict[str, Path], log: Call
     """A stage of kind pairs: its run directory, its pairs, then its DONE marker."""
     prepare_run_dir(recipe)
     run_pairs(recipe, stage_outputs=stage_outputs, progress=recipe.train.progress, log=log)
-    (Path(recipe.train.output_dir) / "DONE").write_text("pairs\n")
+    mark_done(recipe, "pairs\n")
 
 
 def pairs_dir(output_dir: str | Path) -> Path:
@@ -160,12 +191,10 @@ def pairs_dir(output_dir: str | Path) -> Path:
 def run_pairs(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None, progress: bool = True,
               log: Callable[[str], None] = print) -> Path:
     """Generate (or finish) the recipe's pairs in output_dir/pairs, split across accelerate's processes."""
-    from accelerate import PartialState
-
     from .builders import pairs_job
     from .pairs import generate_pairs
 
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = processes()
     job = pairs_job(recipe, stage_outputs=stage_outputs)
     directory = pairs_dir(recipe.train.output_dir)
     written = generate_pairs(directory=directory, rank=state.process_index, world_size=state.num_processes,

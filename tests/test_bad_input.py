@@ -24,6 +24,7 @@ def _cases(tmp, tiny):
     bad_yaml.write_text("name: x\nloss: [unclosed\n")
     gray = _images(tmp / "gray", mode="CMYK")
     junk = _images(tmp / "junk", extra="notes.pdf")
+    small = _images(tmp / "small", size=20)
     return [
         (["distill", "sd15_dmd", out, "teacher.path=/no/such/model"], "model path /no/such/model does not exist"),
         (["distill", "sd15_dmd", out, "teacher.path=someorg/somemodel"], "HF_HUB_OFFLINE=1 forbids downloading it"),
@@ -35,6 +36,11 @@ def _cases(tmp, tiny):
         (["distill", "sd15_lcm_lora", out, f"teacher.path={sd}", f"data.root={junk}", "data.resolution=32"],
          "notes.pdf is not an image"),
         (["distill", "sd15_lcm_lora", out, f"teacher.path={sd}", f"data.root={tmp / 'none'}"], "does not exist"),
+        (["distill", "sd15_lcm_lora", out, f"teacher.path={sd}", f"data.root={small}", "data.resolution=32", "data.resize=false"],
+         "size 20x20 but 32x32 is required"),
+        (["distill", "gmm_teacher", out, "train.max_steps=-5"], "train.max_steps must be at least 1"),
+        (["distill", "gmm_teacher", out, "train.max_step=10"], "unknown key train.max_step"),
+        (["distill", "gmm_teacher", out, "train.batch_size=many"], "train.batch_size"),
         (["distill", "sd15_lcm_lora", out, f"teacher.path={sd}", "lora.target_modules=[to_qq]"],
          "LoRA target module 'to_qq' matches no layer"),
         (["distill", "sd15_lcm_lora", out, f"teacher.path={sd}", "lora.rank=0"], "lora.rank must be at least 1"),
@@ -65,7 +71,7 @@ def _cases(tmp, tiny):
 
 def test_bad_input_gives_one_line_exit_2_and_writes_nothing(tmp_path, tiny_dirs, capsys):
     cases = _cases(tmp_path, tiny_dirs)
-    assert len(cases) >= 28
+    assert len(cases) >= 30
     for argv, expected in cases:
         code = main(argv)
         err = capsys.readouterr().err.strip().splitlines()

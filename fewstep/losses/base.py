@@ -12,6 +12,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..denoisers import Denoiser
+from ..errors import FewstepError
 
 
 @dataclass
@@ -39,6 +40,13 @@ class DistillationLoss(nn.Module):
     def modules_to_train(self) -> dict[str, nn.Module]:
         """Trainable networks the loss owns (not the student), by name; checkpointed by the loop."""
         return {}
+
+    def swap_module(self, name: str, module: nn.Module) -> None:
+        """Call ``module`` from now on where the network ``name`` of ``modules_to_train`` was called: the
+        loop passes the network wrapped by accelerate (DistributedDataParallel), whose forward averages
+        gradients across processes, and passes the bare network back for saving and sampling."""
+        raise FewstepError(f"{type(self).__name__} trains no module {name!r}; it trains: "
+                           f"{', '.join(self.modules_to_train()) or 'only the student'}")
 
     def phase_modules(self, phase: str) -> tuple[str, ...]:
         """Names of the modules a phase trains: "student" and/or keys of ``modules_to_train``."""

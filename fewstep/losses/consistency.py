@@ -114,6 +114,12 @@ class ConsistencyDistillationLoss(DistillationLoss):
     def modules_to_train(self) -> dict[str, nn.Module]:
         return {"discriminator": self.discriminator} if self.adversarial_weight > 0 else {}
 
+    def swap_module(self, name: str, module: nn.Module) -> None:
+        if name == "discriminator" and self.adversarial_weight > 0:
+            self.discriminator = module
+        else:
+            super().swap_module(name, module)
+
     def phase_modules(self, phase: str) -> tuple[str, ...]:
         return (phase,)
 

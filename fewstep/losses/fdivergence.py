@@ -182,6 +182,14 @@ class FDivergenceLoss(DistillationLoss):
             mods["discriminator"] = self.discriminator
         return mods
 
+    def swap_module(self, name: str, module: nn.Module) -> None:
+        if name == "fake_score":
+            self.fake_score.net = module
+        elif name == "discriminator" and self.discriminator is not None:
+            self.discriminator = module
+        else:
+            super().swap_module(name, module)
+
     def phase_modules(self, phase: str) -> tuple[str, ...]:
         return {"fake_score": ("fake_score",), "discriminator": ("discriminator",), "generator": ("student",)}[phase]
 

@@ -52,10 +52,10 @@ def _sd_scheduler() -> DDIMScheduler:
                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
-def tiny_sd(tmp: Path, channels: tuple[int, int] = (32, 64)) -> StableDiffusionPipeline:
+def tiny_sd(tmp: Path, channels: tuple[int, int] = (32, 64), sample_size: int = SAMPLE_SIZE) -> StableDiffusionPipeline:
     tok = _tokenizer(tmp / "tok")
     unet = UNet2DConditionModel(
-        block_out_channels=channels, layers_per_block=2, sample_size=SAMPLE_SIZE, in_channels=4, out_channels=4,
+        block_out_channels=channels, layers_per_block=2, sample_size=sample_size, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=TEXT_DIM, attention_head_dim=8,
     )

@@ -1,0 +1,172 @@
+"""Training memory per loss: full vs LoRA, with and without gradient checkpointing and bf16.
+
+Measured: each configuration trains a few steps in its own subprocess on an SD-shaped pipeline built
+from configs (the test suite's tiny SD with wider UNet blocks, --channels), and reports its peak
+resident memory above the process's resident memory after imports (ru_maxrss; the same baseline in
+every subprocess), next to fewstep's own estimate (`fewstep distill --dry-run`: weights, gradients,
+AdamW state; no activations). Losses: diffusion (denoising fine-tuning on images), reflow (on teacher
+pairs made once beforehand, flow student), consistency distillation, f-distill (reverse KL = DMD).
+Variants: float32; train.gradient_checkpointing; train.mixed_precision bf16 with a bfloat16 teacher;
+both. Ratios are to the loss's full float32 row, run in the same invocation.
+
+Estimated: the full/LoRA configurations with SD 1.5's UNet (built on the meta device: no memory, exact
+parameter counts), teacher in float16, trained networks and their AdamW state in float32.
+
+    python benchmarks/memory.py [--channels 128,256] [--latent 32] [--steps 2] [--batch 4] [--losses diffusion,reflow,consistency,fdistill]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+LORA = {"rank": 16, "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+                                       "ff.net.2", "conv1", "conv2", "time_emb_proj"]}
+LOSSES = ("diffusion", "reflow", "consistency", "fdistill")
+VARIANTS = {"float32": (False, "no"), "grad ckpt": (True, "no"), "bf16": (False, "bf16"), "bf16 + grad ckpt": (True, "bf16")}
+SD15_UNET = {"sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+             "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768, "attention_head_dim": 8,
+             "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+             "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3}
+
+
+def recipe(base: str, images: str, pairs: str, out: str, loss: str, lora: bool, ckpt: bool, precision: str,
+           batch: int, steps: int, resolution: int) -> dict:
+    raw = {"name": "memory", "teacher": {"kind": "pipeline", "path": base}, "student": {"kind": "pipeline", "init": "teacher"},
+           "optimizer": {"name": "AdamW", "lr": 1e-5},
+           "train": {"output_dir": out, "max_steps": steps, "batch_size": batch, "progress": False, "sample_every": 0,
+                     "checkpoint_every": 10**9, "log_every": 10**9, "gradient_checkpointing": ckpt,
+                     "mixed_precision": precision, "teacher_dtype": "bfloat16" if precision == "bf16" else "float32"}}
+    if lora:
+        raw["lora"] = dict(LORA)
+    images_data = {"name": "images", "root": images, "resolution": resolution}
+    if loss == "fdistill":  # full: a full fake-score copy; LoRA: the fake score as LoRA on the teacher
+        raw.update(loss={"name": "fdistill", "divergence": "reverse_kl", "fake_updates": 1,
+                         "fake_init": "teacher_lora" if lora else "teacher", "fake_lora_rank": LORA["rank"]},
+                   data={"name": "prompts"}, sample={"solver": "renoise", "steps": 1})
+    elif loss == "consistency":  # full: an EMA target copy; LoRA: the online student is the target
+        raw.update(loss={"name": "consistency", "target": "online" if lora else "ema", "num_timesteps": 10},
+                   data=images_data, sample={"solver": "consistency", "spacing": "lcm", "steps": 1})
+    elif loss == "reflow":
+        raw["student"]["schedule"] = "flow"
+        raw.update(loss={"name": "reflow"}, data={"name": "pairs", "path": pairs}, sample={"solver": "euler", "steps": 1})
+    else:
+        raw.update(loss={"name": "diffusion"}, data=images_data, sample={"solver": "ddim", "steps": 2})
+    return raw
+
+
+def make_pairs(base: str, out: Path, num: int) -> Path:
+    """Teacher pairs for the reflow rows (made once, not measured)."""
+    from fewstep.config import validate
+    from fewstep.run import run_pairs
+
+    raw = {"name": "memory-pairs", "teacher": {"kind": "pipeline", "path": base}, "student": {"kind": "pipeline", "init": "teacher"},
+           "data": {"name": "prompts"},
+           "pairs": {"num": num, "shard_size": num, "batch_size": num, "steps": 2, "solver": "ddim"},
+           "train": {"output_dir": str(out)}}
+    return run_pairs(validate(raw), progress=False, log=lambda m: None)
+
+
+def child(spec: str) -> None:
+    """Run one configuration; print JSON with the measured peak and fewstep's estimate (MiB)."""
+    import resource
+
+    import torch
+
+    from fewstep.builders import build
+    from fewstep.config import validate
+    from fewstep.loop import freeze_teacher
+    from fewstep.memory import estimate
+    from fewstep.run import build_loop
+
+    torch.set_num_threads(1)
+    raw = json.loads(spec)
+    rss = lambda: int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20  # noqa: E731
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401  (imports out of the peak)
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
+
+    base = rss()
+    loop = build_loop(validate(raw), log=lambda m: None)
+    loop.run()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    b = build(validate(raw))
+    freeze_teacher(b.teacher.denoiser, b.loss)
+    est = estimate([b.student.denoiser.net, b.teacher.denoiser.net, *b.loss.modules_to_train().values()])
+    print(json.dumps({"peak": peak - base, "estimate": est.bytes / 2**20, "trainable": est.trainable}))
+
+
+def sd15_estimates() -> list[tuple[str, int, float]]:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from fewstep.memory import OPTIMIZER_STATES, lora_parameter_count
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+    n = sum(p.numel() for p in unet.parameters())
+    r = lora_parameter_count(unet, LORA["rank"], LORA["target_modules"])
+    train = 4 * (1 + OPTIMIZER_STATES["AdamW"])  # float32 gradient + 2 AdamW states per trained parameter
+    teacher, full32 = 2 * n, 4 * n  # float16 teacher; a float32 trained copy
+    rows = [
+        ("fdistill: full student, full fake-score copy", 2 * n, teacher + 2 * (full32 + n * train)),
+        ("fdistill: LoRA student, full fake-score copy", n + r, teacher + full32 + r * (4 + train) + full32 + n * train),
+        ("fdistill: LoRA student, LoRA fake score on the teacher", 2 * r, teacher + full32 + 2 * r * (4 + train)),
+        ("consistency: full student, EMA target", n, teacher + full32 + n * train + full32),
+        ("consistency: LoRA student, online target", r, teacher + full32 + r * (4 + train)),
+    ]
+    return [(name, t, b / 2**30) for name, t, b in rows]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--channels", default="128,256", help="the SD-shaped UNet's two block widths (tests use 32,64)")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--latent", type=int, default=32, help="latent side (images are twice as wide: the tiny VAE's factor)")
+    ap.add_argument("--losses", default=",".join(LOSSES))
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child)
+    from fewstep.errors import lookup
+    from fewstep.testing.tiny import save_captioned_digits, save_tiny_pipeline
+
+    losses = args.losses.split(",")
+    for n in losses:
+        lookup(dict.fromkeys(LOSSES), n, "loss")  # an unknown name: one line listing the valid ones
+    root = Path(tempfile.mkdtemp())
+    channels = tuple(int(c) for c in args.channels.split(","))
+    base = save_tiny_pipeline("sd", root / "sd", channels=channels, sample_size=args.latent)
+    images = save_captioned_digits(root / "images", num=8, resolution=2 * args.latent)
+    pairs = make_pairs(str(base), root / "pairs_run", num=max(8, args.batch)) if "reflow" in losses else root
+    print(f"measured: SD-shaped pipeline, UNet blocks {channels}, {args.latent}x{args.latent} latents, batch {args.batch}, "
+          f"{args.steps} steps, CPU, LoRA rank "
+          f"{LORA['rank']}; MiB above the process after imports")
+    print("| loss | student | variant | trainable | estimate MiB | measured peak MiB | peak ratio |\n|---|---|---|---|---|---|---|")
+    i = 0
+    for loss in losses:
+        first = None
+        for lora in (False, True):
+            for variant, (ckpt, precision) in VARIANTS.items():
+                spec = recipe(str(base), str(images), str(pairs), str(root / f"run{i}"), loss, lora, ckpt, precision,
+                              args.batch, args.steps, 2 * args.latent)
+                i += 1
+                res = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+                if res.returncode != 0:
+                    raise SystemExit(f"{loss} {variant} failed:\n{res.stderr[-2000:]}")
+                m = json.loads(res.stdout.strip().splitlines()[-1])
+                first = first or m["peak"]
+                print(f"| {loss} | {'LoRA' if lora else 'full'} | {variant} | {m['trainable']:,} | {m['estimate']:.0f} | "
+                      f"{m['peak']:.0f} | {m['peak'] / first:.2f} |", flush=True)
+    print(f"\nestimated: SD 1.5 UNet, teacher float16, trained weights and AdamW state float32, LoRA rank {LORA['rank']}; "
+          "activations excluded")
+    print("| configuration | trainable | estimate GiB |\n|---|---|---|")
+    for name, trainable, gib in sd15_estimates():
+        print(f"| {name} | {trainable:,} | {gib:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

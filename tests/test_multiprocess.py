@@ -1,0 +1,110 @@
+"""Two processes through accelerate (gloo on CPU, started by torchrun) train the same model as one process
+with the whole batch: gradients are averaged by DistributedDataParallel, every sample keeps its seed.
+
+``accelerate launch --num_processes 2`` on a CPU-only machine quietly runs one process, so each test
+checks that two really ran (the loop's "2 processes" line, and one "finished" line from each).
+"""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from fewstep.checkpoint import latest_intact
+from fewstep.cli import main
+from fewstep.config import available_recipes, load_recipe
+from fewstep.testing.tiny import TINY_RESOLUTION
+from tests.test_recipes import SMOKE, TINY_FAMILY
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str], nproc: int = 2) -> str:
+    """``torchrun --nproc_per_node N -m fewstep ARGS``; returns its output and checks that N processes ran."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "fewstep", *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert f"fewstep: {nproc} processes (MULTI_CPU)" in out, out[-3000:]
+    assert out.count("fewstep: finished at step") == nproc, out[-3000:]
+    return out
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def weights(run, step: int, group: str = "student") -> dict:
+    return load_file(run / "checkpoints" / f"step-{step:08d}" / f"{group}.safetensors")
+
+
+QUIET = ["train.progress=false", "train.log_every=1"]
+
+
+def test_diffusion_two_processes_match_one_and_resume_with_one(tmp_path):
+    """DiffusionLoss: 2 processes x 8 samples == 1 process x 16 after one optimizer step (1e-5); the
+    checkpoint they wrote once resumes in one process and ends where an uninterrupted run ends."""
+    common = ["gmm_teacher", "train.batch_size=16", *QUIET]
+    torchrun(["distill", *common, "train.max_steps=1", f"train.output_dir={tmp_path / 'two'}"])
+    assert main(["distill", *common, "train.max_steps=1", f"train.output_dir={tmp_path / 'one'}"]) == 0
+    assert max_diff(weights(tmp_path / "two", 1), weights(tmp_path / "one", 1)) < 1e-5
+    # the check can fail: one process with only its own half of the batch lands elsewhere
+    assert main(["distill", "gmm_teacher", "train.batch_size=8", *QUIET, "train.max_steps=1",
+                 f"train.output_dir={tmp_path / 'half'}"]) == 0
+    assert max_diff(weights(tmp_path / "half", 1), weights(tmp_path / "one", 1)) > 1e-3
+    # written once, by the main process: one log row, one intact checkpoint
+    assert len((tmp_path / "two" / "log.jsonl").read_text().splitlines()) == 1
+    assert [p.name for p in (tmp_path / "two" / "checkpoints").iterdir()] == ["step-00000001"]
+    assert latest_intact(tmp_path / "two" / "checkpoints").name == "step-00000001"
+    # resume the two-process run in one process
+    assert main(["distill", *common, "train.max_steps=3", f"train.output_dir={tmp_path / 'two'}"]) == 0
+    assert main(["distill", *common, "train.max_steps=3", f"train.output_dir={tmp_path / 'one3'}"]) == 0
+    assert max_diff(weights(tmp_path / "two", 3), weights(tmp_path / "one3", 3)) < 1e-5
+    assert max_diff(weights(tmp_path / "two", 3, "ema"), weights(tmp_path / "one3", 3, "ema")) < 1e-5
+
+
+def test_fdistill_two_processes_match_one(tmp_path):
+    """f-distill (reverse KL, its fake score a second trained network): two fake-score steps and one
+    generator step on 2 x 8 equal 1 x 16 for the student and the fake score (1e-5), both stages."""
+    common = ["gmm_fdistill", "train.max_steps=3", "train.batch_size=16", *QUIET]
+    out = torchrun(["distill", *common, f"train.output_dir={tmp_path / 'two'}"])
+    assert out.count("fewstep: 2 processes") == 2  # the pretraining stage and the f-distill stage
+    assert main(["distill", *common, f"train.output_dir={tmp_path / 'one'}"]) == 0
+    for stage, groups in (("pretrain", ["student"]), ("fdistill", ["student", "module.fake_score"])):
+        for group in groups:
+            assert max_diff(weights(tmp_path / "two" / stage, 3, group), weights(tmp_path / "one" / stage, 3, group)) < 1e-5
+
+
+def test_batch_that_does_not_split_is_refused(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "fewstep", "distill", "gmm_teacher", "train.batch_size=5",
+           "train.max_steps=1", *QUIET, f"train.output_dir={tmp_path / 'odd'}"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "train.batch_size 5 does not split evenly across 2 processes" in done.stderr
+    assert not (tmp_path / "odd").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(available_recipes()))
+def test_every_recipe_runs_on_two_processes(name, tmp_path, tiny_dirs, captioned_dir):
+    """Opt-in (-m slow): each shipped recipe, smoke-sized, on two processes."""
+    recipe = load_recipe(name)
+    family = next((f for prefix, f in TINY_FAMILY.items() if name.startswith(prefix)), None)
+    tiny = [f"teacher.path={tiny_dirs[family]}"] if family else []
+    if family and recipe.data.get("name") == "images":
+        tiny += [f"data.root={captioned_dir}", f"data.resolution={TINY_RESOLUTION}"]
+    out = tmp_path / name
+    torchrun(["distill", name, f"train.output_dir={out}", *SMOKE, *tiny])
+    last = out / recipe.stages[-1]["name"] if recipe.stages else out
+    assert (last / "final" / "fewstep.json").exists() and (last / "DONE").exists()
