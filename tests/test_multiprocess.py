@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 from safetensors.torch import load_file
 
@@ -25,11 +27,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(args: list[str], nproc: int = 2) -> str:
-    """``torchrun --nproc_per_node N -m fewstep ARGS``; returns its output and checks that N processes ran."""
+CPU_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "cpu_2proc.yaml"
+
+
+def torchrun(args: list[str], nproc: int = 2, accelerate_config: Path | None = None) -> str:
+    """``torchrun --nproc_per_node N -m fewstep ARGS`` (or ``accelerate launch --config_file CONFIG``);
+    returns its output and checks that N processes ran."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "fewstep", *args]
+    if accelerate_config is None:
+        launch = ["torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1"]
+    else:
+        launch = ["accelerate.commands.launch", "--config_file", str(accelerate_config), "--main_process_ip", "127.0.0.1"]
+    port = ["--master_port" if accelerate_config is None else "--main_process_port", str(free_port())]
+    cmd = [sys.executable, "-m", *launch, *port, "-m", "fewstep", *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
@@ -74,9 +84,10 @@ def test_diffusion_two_processes_match_one_and_resume_with_one(tmp_path):
 
 def test_fdistill_two_processes_match_one(tmp_path):
     """f-distill (reverse KL, its fake score a second trained network): two fake-score steps and one
-    generator step on 2 x 8 equal 1 x 16 for the student and the fake score (1e-5), both stages."""
+    generator step on 2 x 8 equal 1 x 16 for the student and the fake score (1e-5), both stages. Launched
+    with accelerate and the shipped recipes/accelerate/cpu_2proc.yaml."""
     common = ["gmm_fdistill", "train.max_steps=3", "train.batch_size=16", *QUIET]
-    out = torchrun(["distill", *common, f"train.output_dir={tmp_path / 'two'}"])
+    out = torchrun(["distill", *common, f"train.output_dir={tmp_path / 'two'}"], accelerate_config=CPU_CONFIG)
     assert out.count("fewstep: 2 processes") == 2  # the pretraining stage and the f-distill stage
     assert main(["distill", *common, f"train.output_dir={tmp_path / 'one'}"]) == 0
     for stage, groups in (("pretrain", ["student"]), ("fdistill", ["student", "module.fake_score"])):
