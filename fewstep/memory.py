@@ -1,6 +1,6 @@
 """Training-memory estimates: weights, gradients, optimizer state and EMA of a run's networks, counted
 once per tensor (a LoRA fake score shares the teacher's weights). Activations are not included; the
-measured peaks of benchmarks/lora_memory.py show what they add.
+measured peaks of benchmarks/memory.py show what they add.
 """
 from __future__ import annotations
 

@@ -119,3 +119,17 @@ def test_every_recipe_runs_on_two_processes(name, tmp_path, tiny_dirs, captioned
     torchrun(["distill", name, f"train.output_dir={out}", *SMOKE, *tiny])
     last = out / recipe.stages[-1]["name"] if recipe.stages else out
     assert (last / "final" / "fewstep.json").exists() and (last / "DONE").exists()
+
+
+def test_sharded_launches_are_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    """FSDP/DeepSpeed would hand the loop parameter shards; it refuses them in one line, writing nothing.
+    (On a CPU-only machine accelerate cannot start FSDP at all, so the launch type is patched in.)"""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self, k=kind: k))
+        assert main(["distill", "gmm_teacher", "train.max_steps=1", *QUIET, f"train.output_dir={tmp_path / 'run'}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"distributed_type {kind.value} is not supported" in err[0], err
+        assert not (tmp_path / "run").exists()
