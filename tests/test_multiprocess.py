@@ -84,12 +84,15 @@ def test_diffusion_two_processes_match_one_and_resume_with_one(tmp_path):
 
 def test_fdistill_two_processes_match_one(tmp_path):
     """f-distill (reverse KL, its fake score a second trained network): two fake-score steps and one
-    generator step on 2 x 8 equal 1 x 16 for the student and the fake score (1e-5), both stages. Launched
-    with accelerate and the shipped recipes/accelerate/cpu_2proc.yaml."""
-    common = ["gmm_fdistill", "train.max_steps=3", "train.batch_size=16", *QUIET]
-    out = torchrun(["distill", *common, f"train.output_dir={tmp_path / 'two'}"], accelerate_config=CPU_CONFIG)
+    generator step on 2 processes x 8 equal 1 x 16 for the student and the fake score (1e-5), both stages.
+    The two processes also accumulate (2 micro-batches of 4 each: DDP syncs on the last one only), and
+    are launched with accelerate and the shipped recipes/accelerate/cpu_2proc.yaml."""
+    common = ["gmm_fdistill", "train.max_steps=3", *QUIET]
+    out = torchrun(["distill", *common, "train.batch_size=8", "train.grad_accum=2", f"train.output_dir={tmp_path / 'two'}"],
+                   accelerate_config=CPU_CONFIG)
+    assert "fewstep: 2 processes (MULTI_CPU), 4 samples each per micro-batch" in out
     assert out.count("fewstep: 2 processes") == 2  # the pretraining stage and the f-distill stage
-    assert main(["distill", *common, f"train.output_dir={tmp_path / 'one'}"]) == 0
+    assert main(["distill", *common, "train.batch_size=16", f"train.output_dir={tmp_path / 'one'}"]) == 0
     for stage, groups in (("pretrain", ["student"]), ("fdistill", ["student", "module.fake_score"])):
         for group in groups:
             assert max_diff(weights(tmp_path / "two" / stage, 3, group), weights(tmp_path / "one" / stage, 3, group)) < 1e-5
