@@ -102,17 +102,25 @@ def child(spec: str) -> None:
     est = estimate([b.student.denoiser.net, b.teacher.denoiser.net, *b.loss.modules_to_train().values()])
     print(json.dumps({"peak": peak - base, "estimate": est.bytes / 2**20, "trainable": est.trainable}))
 
+SDXL_UNET = {"sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+             "block_out_channels": [320, 640, 1280], "transformer_layers_per_block": [1, 2, 10],
+             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 2048,
+             "attention_head_dim": [5, 10, 20], "use_linear_projection": True, "addition_embed_type": "text_time",
+             "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816}
 
-def sd15_estimates() -> list[tuple[str, int, float]]:
+
+def unet_estimates(config: dict, rank: int) -> list[tuple[str, int, float]]:
+    """Weights + gradients + AdamW state of the full/LoRA configurations for a UNet built on the meta device."""
     import torch
     from diffusers import UNet2DConditionModel
 
     from fewstep.memory import OPTIMIZER_STATES, lora_parameter_count
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD15_UNET)
+        unet = UNet2DConditionModel(**config)
     n = sum(p.numel() for p in unet.parameters())
-    r = lora_parameter_count(unet, LORA["rank"], LORA["target_modules"])
+    r = lora_parameter_count(unet, rank, LORA["target_modules"])
     train = 4 * (1 + OPTIMIZER_STATES["AdamW"])  # float32 gradient + 2 AdamW states per trained parameter
     teacher, full32 = 2 * n, 4 * n  # float16 teacher; a float32 trained copy
     rows = [
@@ -167,11 +175,12 @@ def main() -> None:
                 first = first or m["peak"]
                 print(f"| {loss} | {'LoRA' if lora else 'full'} | {variant} | {m['trainable']:,} | {m['estimate']:.0f} | "
                       f"{m['peak']:.0f} | {m['peak'] / first:.2f} |", flush=True)
-    print(f"\nestimated: SD 1.5 UNet, teacher float16, trained weights and AdamW state float32, LoRA rank {LORA['rank']}; "
-          "activations excluded")
-    print("| configuration | trainable | estimate GiB |\n|---|---|---|")
-    for name, trainable, gib in sd15_estimates():
-        print(f"| {name} | {trainable:,} | {gib:.1f} |")
+    for label, config, rank in (("SD 1.5", SD15_UNET, LORA["rank"]), ("SDXL", SDXL_UNET, 64)):
+        print(f"\nestimated: {label} UNet, teacher float16, trained weights and AdamW state float32, LoRA rank {rank}; "
+              "activations, text encoders and VAE excluded")
+        print("| configuration | trainable | estimate GiB |\n|---|---|---|")
+        for name, trainable, gib in unet_estimates(config, rank):
+            print(f"| {name} | {trainable:,} | {gib:.1f} |")
 
 
 if __name__ == "__main__":
