@@ -74,7 +74,7 @@ def check_run_dir(recipe: Recipe) -> Path:
 
 
 def _write_run_dir(recipe: Recipe) -> None:
-    out, saved = Path(recipe.train.output_dir), Path(recipe.train.output_dir) / "recipe.yaml"
+    out = Path(recipe.train.output_dir)
     if recipe.train.overwrite:
         for name in RUN_FILES:
             p = out / name
@@ -83,7 +83,7 @@ def _write_run_dir(recipe: Recipe) -> None:
             elif p.exists():
                 p.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(recipe.to_yaml(), saved)
+    write_text_atomic(recipe.to_yaml(), out / "recipe.yaml")
 
 
 def build_loop(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None, log: Callable[[str], None] = print,

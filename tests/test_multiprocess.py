@@ -16,9 +16,8 @@ from safetensors.torch import load_file
 
 from fewstep.checkpoint import latest_intact
 from fewstep.cli import main
-from fewstep.config import available_recipes, load_recipe
-from fewstep.testing.tiny import TINY_RESOLUTION
-from tests.test_recipes import SMOKE, TINY_FAMILY
+from fewstep.config import available_recipes
+from tests.test_recipes import finished, smoke_args
 
 
 def free_port() -> int:
@@ -30,17 +29,21 @@ def free_port() -> int:
 CPU_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "cpu_2proc.yaml"
 
 
-def torchrun(args: list[str], nproc: int = 2, accelerate_config: Path | None = None) -> str:
-    """``torchrun --nproc_per_node N -m fewstep ARGS`` (or ``accelerate launch --config_file CONFIG``);
-    returns its output and checks that N processes ran."""
+def launch(args: list[str], nproc: int = 2, accelerate_config: Path | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node N -m fewstep ARGS``, or ``accelerate launch --config_file CONFIG``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     if accelerate_config is None:
-        launch = ["torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1"]
+        how = ["torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1"]
     else:
-        launch = ["accelerate.commands.launch", "--config_file", str(accelerate_config), "--main_process_ip", "127.0.0.1"]
+        how = ["accelerate.commands.launch", "--config_file", str(accelerate_config), "--main_process_ip", "127.0.0.1"]
     port = ["--master_port" if accelerate_config is None else "--main_process_port", str(free_port())]
-    cmd = [sys.executable, "-m", *launch, *port, "-m", "fewstep", *args]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-m", *how, *port, "-m", "fewstep", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def torchrun(args: list[str], nproc: int = 2, accelerate_config: Path | None = None) -> str:
+    """``launch``, checking that it succeeded and that N processes ran; returns its output."""
+    done = launch(args, nproc, accelerate_config)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
     assert f"fewstep: {nproc} processes (MULTI_CPU)" in out, out[-3000:]
@@ -99,11 +102,8 @@ def test_fdistill_two_processes_match_one(tmp_path):
 
 
 def test_batch_that_does_not_split_is_refused(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "fewstep", "distill", "gmm_teacher", "train.batch_size=5",
-           "train.max_steps=1", *QUIET, f"train.output_dir={tmp_path / 'odd'}"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    done = launch(["distill", "gmm_teacher", "train.batch_size=5", "train.max_steps=1", *QUIET,
+                   f"train.output_dir={tmp_path / 'odd'}"])
     assert done.returncode != 0
     assert "train.batch_size 5 does not split evenly across 2 processes" in done.stderr
     assert not (tmp_path / "odd").exists()
@@ -113,15 +113,9 @@ def test_batch_that_does_not_split_is_refused(tmp_path):
 @pytest.mark.parametrize("name", sorted(available_recipes()))
 def test_every_recipe_runs_on_two_processes(name, tmp_path, tiny_dirs, captioned_dir):
     """Opt-in (-m slow): each shipped recipe, smoke-sized, on two processes."""
-    recipe = load_recipe(name)
-    family = next((f for prefix, f in TINY_FAMILY.items() if name.startswith(prefix)), None)
-    tiny = [f"teacher.path={tiny_dirs[family]}"] if family else []
-    if family and recipe.data.get("name") == "images":
-        tiny += [f"data.root={captioned_dir}", f"data.resolution={TINY_RESOLUTION}"]
     out = tmp_path / name
-    torchrun(["distill", name, f"train.output_dir={out}", *SMOKE, *tiny])
-    last = out / recipe.stages[-1]["name"] if recipe.stages else out
-    assert (last / "final" / "fewstep.json").exists() and (last / "DONE").exists()
+    torchrun(smoke_args(name, out, tiny_dirs, captioned_dir))
+    assert finished(name, out)
 
 
 def test_sharded_launches_are_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):

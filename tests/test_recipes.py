@@ -13,17 +13,27 @@ SMOKE = ["train.max_steps=2", "train.batch_size=4", "train.progress=false", "tra
          "sample.steps=2", "pairs.num=8", "pairs.shard_size=4", "pairs.batch_size=4", "pairs.steps=2"]
 
 
+def smoke_args(name: str, out, tiny_dirs: dict, captioned_dir) -> list[str]:
+    """``distill NAME`` with SMOKE sizes, against the tiny pipeline of the recipe's family when it has one."""
+    family = next((f for prefix, f in TINY_FAMILY.items() if name.startswith(prefix)), None)
+    tiny = [f"teacher.path={tiny_dirs[family]}"] if family else []
+    if family and load_recipe(name).data.get("name") == "images":  # real captioned images at the tiny pipelines' size
+        tiny += [f"data.root={captioned_dir}", f"data.resolution={TINY_RESOLUTION}"]
+    return ["distill", name, f"train.output_dir={out}", *SMOKE, *tiny]
+
+
+def finished(name: str, out) -> bool:
+    """The recipe's last stage (or the run) finished and exported."""
+    recipe = load_recipe(name)
+    last = out / recipe.stages[-1]["name"] if recipe.stages else out
+    return (last / "final" / "fewstep.json").exists() and (last / "DONE").exists()
+
+
 @pytest.mark.parametrize("name", sorted(available_recipes()))
 def test_recipe_smoke_runs_two_steps(name, tmp_path, capsys, tiny_dirs, captioned_dir):
     out = tmp_path / name
-    recipe = load_recipe(name)
-    family = next((f for prefix, f in TINY_FAMILY.items() if name.startswith(prefix)), None)
-    tiny = [f"teacher.path={tiny_dirs[family]}"] if family else []
-    if family and recipe.data.get("name") == "images":  # real captioned images at the tiny pipelines' size
-        tiny += [f"data.root={captioned_dir}", f"data.resolution={TINY_RESOLUTION}"]
-    assert main(["distill", name, f"train.output_dir={out}", *SMOKE, *tiny]) == 0
-    last = out / recipe.stages[-1]["name"] if recipe.stages else out
-    assert (last / "final" / "fewstep.json").exists() and (last / "DONE").exists()
+    assert main(smoke_args(name, out, tiny_dirs, captioned_dir)) == 0
+    assert finished(name, out)
 
 
 @pytest.mark.slow
