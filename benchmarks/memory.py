@@ -81,9 +81,7 @@ def child(spec: str) -> None:
 
     import torch
 
-    from fewstep.builders import build
     from fewstep.config import validate
-    from fewstep.loop import freeze_teacher
     from fewstep.memory import estimate
     from fewstep.run import build_loop
 
@@ -97,10 +95,9 @@ def child(spec: str) -> None:
     loop = build_loop(validate(raw), log=lambda m: None)
     loop.run()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    b = build(validate(raw))
-    freeze_teacher(b.teacher.denoiser, b.loss)
-    est = estimate([b.student.denoiser.net, b.teacher.denoiser.net, *b.loss.modules_to_train().values()])
+    est = estimate([loop.teacher.net, *loop.modules.values()])  # the networks that ran (teacher frozen by the loop)
     print(json.dumps({"peak": peak - base, "estimate": est.bytes / 2**20, "trainable": est.trainable}))
+
 
 SDXL_UNET = {"sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
              "block_out_channels": [320, 640, 1280], "transformer_layers_per_block": [1, 2, 10],
