@@ -121,7 +121,10 @@ def check_recipe(recipe: Recipe) -> None:
             raise FewstepError(f"unknown optimizers.{phase}: loss {recipe.loss['name']} has phases {', '.join(phases)}")
         merged = {**recipe.optimizer, **(spec or {})}
         opt_name, kw = _split(merged)
-        check_kwargs(lookup(optimizer_classes(), opt_name, "optimizer"), kw, "optimizer", skip=("params",))
+        cls_opt = lookup(optimizer_classes(), opt_name, "optimizer")
+        check_kwargs(cls_opt, kw, "optimizer", skip=("params",))
+        _check_optimizer_values(cls_opt, kw, "optimizer" if phase == "default" else f"optimizers.{phase}",
+                                recipe.lr_scheduler)
     if recipe.lr_scheduler.name not in scheduler_names():
         raise FewstepError(f"unknown lr_scheduler.name {recipe.lr_scheduler.name!r}; valid: {', '.join(scheduler_names())}")
     lookup(SOLVERS, recipe.sample.solver, "sample.solver")
@@ -141,6 +144,24 @@ def check_recipe(recipe: Recipe) -> None:
         valid = [t.value for t in LoggerType if t.value != "all"]
         if tracker not in valid:
             raise FewstepError(f"unknown train.trackers entry {tracker!r}; valid: {', '.join(valid)}")
+
+
+def _check_optimizer_values(cls: type, kwargs: dict[str, Any], key: str, schedule) -> None:
+    """Values torch or diffusers would reject (``lr: -1``, ``betas: [2, 0]``): refused with the recipe, by
+    building the optimizer and its LR schedule on one dummy parameter (before any stage trains)."""
+    from diffusers.optimization import get_scheduler
+
+    try:
+        opt = cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise FewstepError(f"{key}: {cls.__name__} refuses {kwargs}: {str(e).splitlines()[0]}") from None
+    if schedule.name not in scheduler_names():
+        return  # reported by the caller with the valid names
+    try:
+        get_scheduler(schedule.name, opt, num_warmup_steps=schedule.warmup_steps, num_training_steps=max(1, schedule.warmup_steps + 1))
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise FewstepError(f"lr_scheduler: {schedule.name} refuses warmup_steps={schedule.warmup_steps}: "
+                           f"{str(e).splitlines()[0]}") from None
 
 
 def _check_model(spec: ModelSection, key: str) -> None:

@@ -44,6 +44,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fewstep: interrupted", file=sys.stderr)
         return 130
+    finally:
+        end_process_group()
+
+
+def end_process_group() -> None:
+    """Destroy the launch's process group (accelerate launch / torchrun) before the interpreter exits.
+
+    Left to interpreter shutdown, gloo's process group is destructed while its worker threads may still
+    be joinable, and the C++ runtime aborts that rank ("terminate called without an active exception",
+    a non-zero exit after a finished run). A single process has no group: nothing to do.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

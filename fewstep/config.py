@@ -336,9 +336,12 @@ def validate(raw: dict[str, Any]) -> Recipe:
     stages = raw.get("stages") or []
     if not isinstance(stages, list) or not all(isinstance(s, dict) and "name" in s for s in stages):
         raise FewstepError("stages: expected a list of mappings, each with a name")
+    lr_scheduler = build_section(LRSchedulerSection, raw.get("lr_scheduler"), "lr_scheduler")
+    if lr_scheduler.warmup_steps < 0:
+        raise FewstepError(f"lr_scheduler.warmup_steps must be >= 0, got {lr_scheduler.warmup_steps}")
     return Recipe(
         raw=raw, name=str(raw.get("name", "recipe")), train=train, sample=sample, lora=lora, evaluation=evaluation,
-        lr_scheduler=build_section(LRSchedulerSection, raw.get("lr_scheduler"), "lr_scheduler"),
+        lr_scheduler=lr_scheduler,
         teacher=teacher, student=student, schedule=_named(raw, "schedule", {"name": "vp"}),
         loss=_named(raw, "loss"), data=_named(raw, "data"), optimizer=_named(raw, "optimizer", {"name": "AdamW", "lr": 1e-4}),
         optimizers=optimizers, stages=stages, pairs=pairs,

@@ -52,9 +52,27 @@ def mark_done(recipe: Recipe, text: str) -> None:
     state.wait_for_everyone()
 
 
+def check_writable(out: Path, key: str = "train.output_dir") -> None:
+    """Refuse a directory that cannot be created or written, by creating (and removing) a temporary
+    directory in its nearest existing ancestor: permission bits alone do not tell (root, /proc, read-only
+    mounts)."""
+    import tempfile
+
+    probe = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
+    if not probe.is_dir():
+        raise FewstepError(f"{key} {out} cannot be created: {probe} is not a directory")
+    try:
+        Path(tempfile.mkdtemp(prefix=".fewstep-probe-", dir=probe)).rmdir()
+    except OSError as e:
+        raise FewstepError(f"{key} {out} cannot be created or written ({e.strerror} in {probe}); choose another "
+                           f"{key}") from None
+
+
 def check_run_dir(recipe: Recipe) -> Path:
-    """Refuse a ``train.output_dir`` that holds something else than this recipe's run (writes nothing)."""
+    """Refuse a ``train.output_dir`` that holds something else than this recipe's run, or that cannot be
+    created (writes nothing)."""
     out = Path(recipe.train.output_dir)
+    check_writable(out)
     saved = out / "recipe.yaml"
     overwrite = recipe.train.overwrite
     if saved.exists():
@@ -99,6 +117,7 @@ def build_loop(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None, 
 
 
 def run_single(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None, log: Callable[[str], None] = print) -> LoopResult:
+    check_run_dir(recipe)  # before the (possibly slow) build
     loop = build_loop(recipe, stage_outputs=stage_outputs, log=log)  # a recipe that cannot build leaves no trace
     prepare_run_dir(recipe)
     result = loop.run()

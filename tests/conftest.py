@@ -7,7 +7,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# 2 threads as on CI; FEWSTEP_TEST_THREADS=1 runs the suite as a 1-core machine would (docs/contributing.md)
+torch.set_num_threads(int(os.environ.get("FEWSTEP_TEST_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")

@@ -55,6 +55,12 @@ def _cases(tmp, tiny):
         (["distill", "gmm_teacher", out, "sample.steps=0"], "sample.steps and sample.num must be at least 1"),
         (["distill", "gmm_teacher", out, "student.path=stage:nope", "student.kind=pretrained"], "no earlier stage named 'nope'"),
         (["distill", str(bad_yaml)], "bad.yaml"),
+        (["distill", "gmm_teacher", "train.output_dir=/proc/forbidden/x"], "/proc/forbidden/x cannot be created"),
+        (["distill", "gmm_teacher", f"train.output_dir={empty}/x"], "is not a directory"),
+        (["distill", "gmm_teacher", out, "optimizer.lr=-1"], "AdamW refuses {'lr': -1}: Invalid learning rate"),
+        (["distill", "gmm_reflow", out, "optimizer.lr=-1"], "Invalid learning rate"),  # before its first stage
+        (["distill", "gmm_teacher", out, "optimizer.betas=[0.9,1.5]"], "Invalid beta parameter"),
+        (["distill", "gmm_teacher", out, "lr_scheduler.warmup_steps=-5"], "lr_scheduler.warmup_steps must be >= 0"),
         (["sample", "--model", str(tmp / "nomodel"), "--num", "2", "--out", str(tmp / "s.png")], "not a fewstep model directory"),
         (["sample", "--model", "fewstep/assets/digits_teacher", "--num", "2", "--steps", "0", "--out", str(tmp / "s.png")],
          "at least 1"),

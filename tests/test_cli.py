@@ -4,12 +4,27 @@ import subprocess
 import sys
 
 from fewstep.cli import main
+from fewstep.errors import FewstepError
+from fewstep.io import partial_siblings
 
 
-def test_demo_quick_distills_three_ways_and_reports(capsys, tmp_path):
-    """The embedded default end to end at --quick size: three students, the bench report, grids; a second
-    run refuses to overwrite the report."""
+def test_demo_quick_distills_three_ways_and_reports(capsys, tmp_path, monkeypatch):
+    """The embedded default end to end at --quick size: three students, the bench report, grids. A run that
+    fails at its last step leaves no report (nor a temporary sibling) and the rerun succeeds; a run after
+    a complete one refuses to overwrite the report."""
+    import fewstep.commands.demo as demo
+
     out = tmp_path / "demo"
+
+    def failing_verdict(report):  # the demo's last step, after report.json, the plot and the grids
+        assert {"report.json", "pareto.png", "teacher_1step.png"} <= {p.name for p in report.iterdir()}
+        raise FewstepError("the verdict failed")
+
+    monkeypatch.setattr(demo, "verdict", failing_verdict)
+    assert main(["demo", "--quick", "--out", str(out)]) == 2
+    assert "the verdict failed" in capsys.readouterr().err
+    assert not (out / "report").exists() and partial_siblings(out / "report") == []
+    monkeypatch.undo()  # the rerun resumes the finished students and writes the whole report
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     rows = json.loads((out / "report" / "report.json").read_text())["rows"]

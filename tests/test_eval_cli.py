@@ -2,13 +2,14 @@
 import json
 import time
 
+import pytest
 import torch
 
 from fewstep.cli import main
 from fewstep.config import validate
 from fewstep.data.digits import load_digits_tensors
 from fewstep.eval.latency import PARTS, measure
-from fewstep.io import save_safetensors_atomic
+from fewstep.io import partial_siblings, save_safetensors_atomic
 from fewstep.run import run_recipe
 
 from .test_loop import digits_recipe
@@ -86,3 +87,31 @@ def test_the_loop_evaluates_logs_and_keeps_the_best(tmp_path):
     assert state["state"]["best"] == best  # resume keeps the best value
     raw["evaluation"]["features"] = "clip"
     assert main(["validate", "gmm_teacher", "evaluation.features=clip"]) == 2
+
+
+def test_a_failed_bench_leaves_no_report_and_the_rerun_succeeds(tmp_path, monkeypatch):
+    """A run that fails after report.json is written (here: in the Pareto plot) leaves neither the report
+    directory nor its temporary sibling; a sibling left by a killed run is cleared; the rerun just works."""
+    import fewstep.commands.bench as bench
+
+    model = tmp_path / "teacher"
+    run_recipe(validate(digits_recipe(model, max_steps=2)), log=lambda m: None)
+    out = tmp_path / "bench"
+    argv = ["bench", "--teacher", str(model / "final"), "--teacher-steps", "1", "--num", "20", "--repeats", "1",
+            "--warmup", "0", "--throughput-batch", "2", "--out", str(out)]
+    written = []
+
+    def failing_plot(rows, path):
+        written.extend(sorted(p.name for p in path.parent.iterdir()))
+        raise RuntimeError("the plot failed")
+
+    monkeypatch.setattr(bench, "pareto_plot", failing_plot)
+    with pytest.raises(RuntimeError, match="the plot failed"):
+        main(argv)
+    assert written == ["report.json", "report.md"]  # it failed after report.json was written
+    assert not out.exists() and partial_siblings(out) == [] and list(tmp_path.iterdir()) == [model]
+    monkeypatch.undo()
+    (tmp_path / ".bench.partial-killed").mkdir()  # what a SIGKILLed run leaves
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["pareto.png", "report.json", "report.md"]
+    assert partial_siblings(out) == []

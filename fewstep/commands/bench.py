@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import FewstepError
+from ..io import atomic_dir
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -76,6 +77,7 @@ def timed_run(gen, steps: int, batch: int, seed: int):
 
 
 def write_report(rows: list[dict], out: Path, meta: dict) -> None:
+    """report.json, report.md and pareto.png into ``out`` (a directory being built by ``atomic_dir``)."""
     (out / "report.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = ["# fewstep bench", "", f"{meta['hardware']}; N = {meta['num']} samples per row; features: {meta['features']}; "
              f"latency at batch 1 over {meta['repeats']} runs after {meta['warmup']} warm-up runs.", "",
@@ -86,13 +88,17 @@ def write_report(rows: list[dict], out: Path, meta: dict) -> None:
                      f"{r['median_s'] * 1e3:.2f} | {r['p90_s'] * 1e3:.2f} | {r['denoiser_s'] * 1e3:.2f} | "
                      f"{r['text_encoder_s'] * 1e3:.2f} | {r['vae_decode_s'] * 1e3:.2f} | {r['throughput_img_s']:.1f} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
+    pareto_plot(rows, out / "pareto.png")
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise FewstepError("the Pareto plot needs matplotlib: pip install 'fewstep[plot]'") from None
+
+def pareto_plot(rows: list[dict], path: Path) -> None:
+    """Fréchet distance against batch-1 latency, one line per model, points labelled by steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in dict.fromkeys(r["model"] for r in rows):
         pts = [(r["median_s"] * 1e3, r["fd"], r["steps"]) for r in rows if r["model"] == name]
@@ -100,28 +106,39 @@ def write_report(rows: list[dict], out: Path, meta: dict) -> None:
         for lat, fd, k in pts:
             ax.annotate(str(k), (lat, fd), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
-    from matplotlib.ticker import NullFormatter
-
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("latency at batch 1 (ms, log scale)")
     ax.set_ylabel("Fréchet distance")
     ax.set_title("latency versus quality (labels: steps)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "pareto.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def refuse_existing(out: Path) -> None:
+    """A complete report is never overwritten (an empty directory is fine)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FewstepError(f"{out} already holds a report; choose a new --out (nothing is overwritten)")
+
+
 def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    refuse_existing(out)
+    todo = entries(args)  # bad input is refused before anything is written
+    with atomic_dir(out) as tmp:
+        measure_into(args, todo, tmp)
+    print((out / "report.md").read_text())
+    return 0
+
+
+def measure_into(args: argparse.Namespace, todo: list[tuple[str, str, int]], out: Path) -> None:
+    """Generate, evaluate and time every entry; write the report into ``out`` (an ``atomic_dir`` in progress)."""
     import platform
 
     from ..eval.evaluate import evaluate, make_extractor, reference_from
     from ..generate import Generator
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise FewstepError(f"{out} exists and is not empty; choose a new --out (nothing is overwritten)")
-    todo = entries(args)
     features = args.features or ("digits" if args.reference.split(":")[0] == "digits" else "inception")
     extract, protocol = make_extractor(features, inception_weights=args.inception_weights)
     reference = reference_from(args.reference, extract)
@@ -147,12 +164,9 @@ def run(args: argparse.Namespace) -> int:
             torch.cuda.reset_peak_memory_stats()
         rows.append({"model": name, "dir": directory, "steps": steps, **quality, **latency, "throughput_img_s": throughput,
                      **memory})
-    out.mkdir(parents=True, exist_ok=True)
     hardware = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, "
                 f"{torch.get_num_threads()} threads)") + f", torch {torch.__version__}"
     meta = {"num": args.num, "seed": args.seed, "features": protocol, "reference": reference[3], "hardware": hardware,
             "repeats": args.repeats, "warmup": args.warmup, "throughput_batch": args.throughput_batch,
             "peak_memory": "process peak RSS, cumulative over the run; on CUDA also max_allocated per row"}
     write_report(rows, out, meta)
-    print((out / "report.md").read_text())
-    return 0

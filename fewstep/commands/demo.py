@@ -88,8 +88,9 @@ def final_dir(recipe, out: Path, name: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..io import atomic_dir
     from ..run import run_recipe
-    from .bench import run as bench
+    from .bench import entries, measure_into, refuse_existing
     from .distill import EXIT
 
     settings = dict(QUICK if args.quick else FULL)
@@ -101,8 +102,7 @@ def run(args: argparse.Namespace) -> int:
         raise FewstepError("--updates must be >= 1 and --num >= 2")
     out = Path(args.out)
     report = out / "report"
-    if report.exists() and any(report.iterdir()):
-        raise FewstepError(f"{report} already holds a report; choose another --out (nothing is overwritten)")
+    refuse_existing(report)
     teacher = teacher_dir(out)
     recipes = {m[0]: student_recipe(*m, teacher, out, settings) for m in METHODS}
     print(f"fewstep demo: the digits teacher ({teacher}) distilled to one step three ways, "
@@ -114,11 +114,17 @@ def run(args: argparse.Namespace) -> int:
             print(f"fewstep demo: {name} stopped ({result.status}); run the same command to resume")
             return EXIT[result.status]
     students = [f"{name}={final_dir(recipe, out, name)}" for name, recipe in recipes.items()]
-    bench(argparse.Namespace(teacher=str(teacher), teacher_steps="1,2,4,8,25", student=students, student_steps="1,2,4",
-                             num=settings["num"], seed=0, reference="digits", features=None, inception_weights=None,
-                             repeats=settings["repeats"], warmup=2, throughput_batch=64, out=str(report)))
-    save_grids(teacher, {n: final_dir(r, out, n) for n, r in recipes.items()}, report)
-    verdict(report)
+    bench = argparse.Namespace(teacher=str(teacher), teacher_steps="1,2,4,8,25", student=students, student_steps="1,2,4",
+                               num=settings["num"], seed=0, reference="digits", features=None, inception_weights=None,
+                               repeats=settings["repeats"], warmup=2, throughput_batch=64)
+    # the report appears complete (table, plot, grids) or not at all: built beside, renamed at the end
+    with atomic_dir(report) as tmp:
+        measure_into(bench, entries(bench), tmp)
+        save_grids(teacher, {n: final_dir(r, out, n) for n, r in recipes.items()}, tmp)
+        lines = verdict(tmp)
+    print((report / "report.md").read_text())
+    print("\n".join(lines))
+    print(f"fewstep demo: report, Pareto plot and sample grids in {report}")
     return 0
 
 
@@ -132,10 +138,10 @@ def save_grids(teacher: Path, students: dict[str, Path], out: Path) -> None:
     save_samples(t(40, seed=0, steps=25), out / "teacher_25steps.png")
     for name, directory in students.items():
         save_samples(Generator.load(str(directory))(40, seed=0, steps=1), out / f"{name}_1step.png")
-    print(f"sample grids: {', '.join(sorted(p.name for p in out.glob('*.png') if p.name != 'pareto.png'))} in {out}")
+    print(f"sample grids: {', '.join(sorted(p.name for p in out.glob('*.png') if p.name != 'pareto.png'))}")
 
 
-def verdict(report: Path) -> None:
+def verdict(report: Path) -> list[str]:
     """One line per claim of the demo, from report.json."""
     import json
 
@@ -143,7 +149,8 @@ def verdict(report: Path) -> None:
     fd = {(r["model"], r["steps"]): r["fd"] for r in rows}
     t1, t25 = fd[("teacher", 1)], fd[("teacher", 25)]
     ones = {m: v for (m, k), v in fd.items() if k == 1 and m != "teacher"}
-    for m, v in ones.items():
-        print(f"{m}: one-step FD {v:.2f} = {t1 / v:.1f}x lower than the teacher's one step ({t1:.2f})")
+    lines = [f"{m}: one-step FD {v:.2f} = {t1 / v:.1f}x lower than the teacher's one step ({t1:.2f})" for m, v in ones.items()]
     best = min(ones, key=ones.get)
-    print(f"best one-step student: {best}, FD {ones[best]:.2f} = {ones[best] / t25:.2f}x the teacher's 25 steps ({t25:.2f})")
+    lines.append(f"best one-step student: {best}, FD {ones[best]:.2f} = {ones[best] / t25:.2f}x the teacher's 25 steps "
+                 f"({t25:.2f})")
+    return lines
