@@ -38,6 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo; a rerun resumes it)")
     p.add_argument("--updates", type=int, default=None, help=f"student updates per method (default {FULL['updates']})")
     p.add_argument("--num", type=int, default=None, help=f"samples per evaluation (default {FULL['num']})")
+    p.add_argument("--seed", type=int, default=0,
+                   help="training seed of every student (and of the reflow pairs); evaluation noise stays seed 0")
     p.add_argument("--quick", action="store_true",
                    help=f"{QUICK['updates']} updates, {QUICK['num']} samples: checks the whole path in about a minute")
     p.set_defaults(run=run)
@@ -72,12 +74,12 @@ def student_recipe(name: str, recipe: str, stages: list[dict], per_update: int |
     loss = raw.get("loss", {})
     cycle = per_update or (loss.get("fake_updates", 5) + loss.get("discriminator_updates", 1) + 1)
     if "pairs" in raw:
-        raw["pairs"] = {**raw["pairs"], "num": settings["pairs"], "shard_size": settings["pairs"]}
+        raw["pairs"] = {**raw["pairs"], "num": settings["pairs"], "shard_size": settings["pairs"], "seed": settings["seed"]}
     if shared_pairs:
         raw["data"] = {"name": "pairs", "path": str(pairs_dir(out / "reflow" / "pairs"))}
     # every student: the same batch and updates; EMA 0.99 (0.999 would still be mostly the initial weights)
     raw["train"] = {**raw["train"], "output_dir": str(out / name), "max_steps": settings["updates"] * cycle,
-                    "batch_size": settings["batch"], "ema_decay": 0.99,
+                    "batch_size": settings["batch"], "ema_decay": 0.99, "seed": settings["seed"],
                     "checkpoint_every": max(1, settings["updates"] * cycle // 4), "sample_every": 0, "eval_every": 0}
     raw.pop("evaluation", None)
     return validate(raw)
@@ -98,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         settings["updates"] = args.updates
     if args.num is not None:
         settings["num"] = args.num
+    settings["seed"] = args.seed
     if settings["updates"] < 1 or settings["num"] < 2:
         raise FewstepError("--updates must be >= 1 and --num >= 2")
     out = Path(args.out)
