@@ -43,6 +43,7 @@ class TrainSection:
     gradient_checkpointing: bool = False
     clip_grad_norm: float | None = 1.0
     ema_decay: float | None = None
+    ema_warmup: bool = True
     export_ema: bool = True
     log_every: int = 10
     sample_every: int = 0

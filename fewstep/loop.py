@@ -27,6 +27,7 @@ from .checkpoint import (flatten_state, latest_intact, load_checkpoint, rng_stat
                          unflatten_state)
 from .data.plan import BatchPlan, BatchSource, is_stream
 from .denoisers import Denoiser
+from .ema import ema_decay
 from .errors import FewstepError, lookup
 from .losses.base import DistillationLoss
 
@@ -43,6 +44,7 @@ class LoopSettings:
     mixed_precision: str = "no"
     clip_grad_norm: float | None = 1.0
     ema_decay: float | None = None
+    ema_warmup: bool = True  # diffusers EMAModel's warm-up: decay_t = min(ema_decay, (1 + t) / (10 + t)) (fewstep/ema.py)
     export_ema: bool = True
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -220,6 +222,7 @@ class Loop:
         student_trainable = trainable(self.modules["student"])
         self.ema_names = list(student_trainable)
         self.student_params = list(student_trainable.values())  # cached: walking modules each step is slow
+        self.ema_updates = 0  # EMA updates so far: t of the warm-up
         if s.ema_decay is not None:
             self.ema = [p.detach().float().clone() for p in self.student_params]
         self.plan = BatchPlan(None if is_stream(dataset) else len(dataset), s.batch_size // world, s.grad_accum,
@@ -254,7 +257,9 @@ class Loop:
     # ------------------------------------------------------------------ EMA
     @torch.no_grad()
     def _update_ema(self) -> None:
-        torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.student_params], 1.0 - self.s.ema_decay)
+        decay = ema_decay(self.s.ema_decay, self.ema_updates, self.s.ema_warmup)
+        torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.student_params], 1.0 - decay)
+        self.ema_updates += 1
 
     @contextlib.contextmanager
     def ema_weights(self):
@@ -295,7 +300,7 @@ class Loop:
         skel, tensors = flatten_state(rng_state(), "rng")
         groups["rng"], skeletons["rng"] = tensors, skel
         state = {"step": self.step, "phase_steps": self.phase_steps, "skeletons": skeletons, "fingerprint": self.fingerprint,
-                 "best": self.best}
+                 "best": self.best, "ema_updates": self.ema_updates}
         return groups, state
 
     def save(self) -> Path | None:
@@ -338,6 +343,9 @@ class Loop:
         self.step = int(state["step"])
         self.phase_steps = dict(state["phase_steps"])
         self.best = state.get("best")
+        # checkpoints written before the warm-up existed: the student's updates so far (the same count)
+        self.ema_updates = int(state.get("ema_updates", sum(n for p, n in self.phase_steps.items()
+                                                             if "student" in self.loss.phase_modules(p))))
 
     # ------------------------------------------------------------------ one step
     def _no_sync(self, phase: str, last: bool):

@@ -1,4 +1,5 @@
 """The shared loop: exact resume, accumulation, EMA, run directories, stages, LoRA, guards."""
+import json
 import os
 import re
 import signal
@@ -93,7 +94,8 @@ def test_accumulation_equals_large_batch(tmp_path, optimizer):
 
 
 def test_ema_equals_hand_computation(tmp_path):
-    recipe = validate(digits_recipe(tmp_path / "ema", ema_decay=0.8))
+    """With ``ema_warmup: false`` the decay is fixed from the first update: e = d e + (1 - d) p."""
+    recipe = validate(digits_recipe(tmp_path / "ema", ema_decay=0.8, ema_warmup=False))
     loop = build_loop(recipe, log=lambda m: None)
     params = lambda: [p.detach().clone() for p in loop.student.net.parameters() if p.requires_grad]  # noqa: E731
     expected = params()
@@ -103,6 +105,34 @@ def test_ema_equals_hand_computation(tmp_path):
         expected = [0.8 * e + 0.2 * p for e, p in zip(expected, params())]
     worst = max((e - m).abs().max().item() for e, m in zip(expected, loop.ema))
     assert worst < 1e-6, worst
+
+
+def test_ema_warms_up_as_diffusers_emamodel_and_is_exported(tmp_path):
+    """The default EMA follows diffusers' own EMAModel fed the same weights (decay 0 at the first update,
+    then min(d, (1 + t) / (10 + t))), checkpointed and exported; a fixed decay from step 0 would still be
+    0.99^6 = 94 % the initial weights."""
+    from diffusers.training_utils import EMAModel
+
+    n, d = 6, 0.99
+    out = tmp_path / "ema"
+    run_recipe(validate(digits_recipe(out, max_steps=n, ema_decay=d, checkpoint_every=1, keep_checkpoints=n + 1)),
+               log=lambda m: None)
+    steps = [load_file(str(out / f"checkpoints/step-{k:08d}/student.safetensors")) for k in range(n + 1)[1:]]
+    names = sorted(steps[0])
+    reference = EMAModel([torch.nn.Parameter(steps[0][k].clone()) for k in names], decay=d)
+    for weights in steps:
+        reference.step([torch.nn.Parameter(weights[k].clone()) for k in names])
+    ema = load_file(str(out / f"checkpoints/step-{n:08d}/ema.safetensors"))
+    assert max((ema[k] - r).abs().max().item() for k, r in zip(names, reference.shadow_params)) < 1e-6
+    assert json.loads((out / f"checkpoints/step-{n:08d}/state.json").read_text())["state"]["ema_updates"] == n
+    exported = load_file(str(out / "final/unet/diffusion_pytorch_model.safetensors"))
+    assert max((exported[k.removeprefix("net.")] - ema[k]).abs().max().item() for k in names) < 1e-6
+    # the check can fail: the fixed-decay average of the same weights is elsewhere
+    init = build_loop(validate(digits_recipe(tmp_path / "init", ema_decay=d)), log=lambda m: None)
+    fixed = {k: v.detach().clone() for k, v in init.student.net.named_parameters() if v.requires_grad}
+    for weights in steps:
+        fixed = {k: d * fixed[k] + (1 - d) * weights[k] for k in fixed}
+    assert max((fixed[k] - ema[k]).abs().max().item() for k in names) > 1e-3
 
 
 def test_loss_falls_and_samples_and_export(tmp_path, capsys):

@@ -206,7 +206,7 @@ class FDivergenceLoss(DistillationLoss):
         first j steps without grad, j ~ U{0..k-1} per sample, then one step with grad)."""
         sch = student.schedule
         grid = sch.sampling_grid(self.steps, "trailing" if sch.kind == "vp" else None)
-        ts = grid[:-1]
+        ts = grid[:-1].to(z.device)  # indexed below by j, which lives on the student's device
         B = z.shape[0]
         if self.steps == 1:
             with torch.set_grad_enabled(grad):
@@ -222,7 +222,7 @@ class FDivergenceLoss(DistillationLoss):
         stacked = torch.stack(inputs)  # (k, B, ...)
         x_j = stacked[j, torch.arange(B)]
         with torch.set_grad_enabled(grad):
-            return student(x_j, ts[j].to(z.device), cond)
+            return student(x_j, ts[j], cond)
 
     def _base(self, teacher):
         """The teacher as itself: adapters off when the fake score is LoRA on its network."""

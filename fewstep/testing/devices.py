@@ -1,0 +1,158 @@
+"""CUDA's device rules, enforced on a CPU: run code as if ``cpu`` were an accelerator and find the tensors
+that a GPU run would find on the wrong device.
+
+On a CUDA machine a tensor made without a device (``torch.zeros(3)``, ``torch.tensor(x)``,
+``torch.from_numpy``, a draw from a CPU generator) lives on the host, and an op that mixes it with a
+CUDA tensor raises (0-dim host tensors excepted: CUDA takes them as scalars); so does indexing a host
+tensor with CUDA indices (``cpu_table[cuda_index]``), while a CUDA tensor may be indexed with host
+indices. CPU-only tests never see these errors, and neither does the ``meta`` device
+(``cpu_tensor[meta_index]`` does not raise, and meta refuses legal code such as ``.item()``).
+
+``VirtualAccelerator`` is a ``TorchFunctionMode`` that keeps the host/accelerator distinction itself:
+inside it, a ``torch.device`` passed explicitly (``device=x.device``, ``.to(device)``, ``.cuda()``) means
+the accelerator, as the code under test would pass ``cuda`` there (the string ``"cpu"`` means the host,
+as in ``.to("cpu")`` before saving); a tensor made without a device is a host
+tensor; a result is an accelerator tensor when any tensor input is one. Build what you test inside
+the mode: tensors made before it, and those made by C++ code (weights read by safetensors,
+``nn.Parameter``, gradients), are of unknown place and never flagged, so the check finds host data
+(timestep grids, schedule tables, noise drawn without a device) meeting device data, not a network
+left on the host. Checks are made on the
+Python-level calls (forward code); backward runs in autograd's engine and is not checked.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
+
+
+HOST, ACCEL = "host", "accelerator"
+_FEWSTEP = Path(__file__).resolve().parents[1]
+_TORCH = Path(torch.__file__).resolve().parent
+_SELF = Path(__file__).resolve()
+
+
+def _called_from(packages: tuple[str, ...]) -> bool:
+    """Whether the torch call comes from code under one of ``packages`` (torch's own Python wrappers between
+    skipped): the check guards that code; libraries (diffusers, transformers) are CUDA-tested upstream and
+    their calls only carry places along (``device=x.device`` cannot tell a host x from an accelerator one)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not name.startswith(str(_TORCH)) and name != str(_SELF):
+            return name.startswith(packages) and not name.startswith(str(_FEWSTEP / "testing"))
+        frame = frame.f_back
+    return False
+
+
+class DeviceMismatch(RuntimeError):
+    """An op a CUDA run would refuse: host and accelerator tensors mixed."""
+
+
+#: ops whose host inputs CUDA accepts next to accelerator tensors (copies between devices)
+_COPIES = {Tensor.copy_, Tensor.__setitem__, Tensor.to, Tensor.cpu, Tensor.cuda, Tensor.new_tensor, Tensor.__deepcopy__}
+#: ops whose result lives where ``self`` does, whatever else they are given (deepcopy's memo holds other tensors)
+_LIKE_SELF = {Tensor.__deepcopy__}
+#: index ops: an accelerator tensor may be indexed with host indices, a host tensor not with accelerator ones
+_INDEX = {Tensor.__getitem__, Tensor.index_select, torch.index_select, Tensor.gather, torch.gather, Tensor.take,
+          torch.take}
+
+
+def _device_place(value: Any) -> str | None:
+    """Where a device argument puts a tensor: a ``torch.device`` object (``x.device``, ``accelerator.device``)
+    or an accelerator name means the accelerator; the string ``"cpu"`` is code asking for the host, as
+    loaders and savers do (``.to("cpu")``, ``safe_open(..., device="cpu")``)."""
+    if isinstance(value, torch.device):
+        return ACCEL
+    if isinstance(value, str) and value.split(":")[0] in ("cuda", "mps", "xpu", "hpu", "npu"):
+        return ACCEL
+    if isinstance(value, str) and value.split(":")[0] == "cpu":
+        return HOST
+    return None
+
+
+class VirtualAccelerator(TorchFunctionMode):
+    """``with VirtualAccelerator():`` run code under CUDA's device rules; a violation in fewstep's own code
+    (``packages``) raises ``DeviceMismatch`` naming the op and the host tensors' shapes.
+
+    Each tensor is known to be on the host, known to be on the accelerator, or of unknown place (made
+    outside Python-level torch calls: weights read by safetensors, gradients made by autograd); only
+    known host and known accelerator tensors are checked against each other, so a loader's CPU tensors
+    are not mistaken for accelerator ones.
+    """
+
+    def __init__(self, packages: tuple[str, ...] = (str(_FEWSTEP),)) -> None:
+        super().__init__()
+        self.place = WeakIdKeyDictionary()
+        self.packages = packages
+        self.checked = 0
+
+    def where(self, t: Tensor) -> str | None:
+        return self.place.get(t)
+
+    def _placement(self, func, args: tuple, kwargs: dict, inputs: list[Tensor]) -> str | None:
+        """Where the result lives: HOST, ACCEL, or None (unknown)."""
+        self_place = self.where(args[0]) if args and isinstance(args[0], Tensor) else None
+        if func is Tensor.cpu:
+            return HOST
+        if func is Tensor.cuda:
+            return ACCEL
+        if func in _LIKE_SELF:
+            return self_place
+        if func is Tensor.to:
+            rest = [*args[1:], kwargs.get("device"), kwargs.get("other")]
+            moved = next((p for p in map(_device_place, rest) if p is not None), None)
+            if moved is not None:
+                return moved
+            other = next((a for a in rest if isinstance(a, Tensor)), None)
+            return self.where(other) if other is not None else self_place
+        if kwargs.get("device") is not None:
+            return _device_place(kwargs["device"]) or ACCEL
+        if not inputs:
+            return HOST  # made without a device and without tensor inputs: on the host
+        places = {self.where(t) for t in inputs}
+        return ACCEL if ACCEL in places else HOST if HOST in places else None
+
+    def _check(self, func, args: tuple, kwargs: dict, inputs: list[Tensor]) -> None:
+        if func in _COPIES:
+            return
+        name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+        if func in _INDEX and args and isinstance(args[0], Tensor):
+            base, indices = args[0], [t for t in tree_leaves((args[1:], kwargs)) if isinstance(t, Tensor)]
+            if self.where(base) == HOST and any(self.where(i) == ACCEL for i in indices):
+                raise DeviceMismatch(f"{name}: a host tensor of shape {tuple(base.shape)} indexed with accelerator "
+                                     f"indices (CUDA: indices should be either on cpu or on the same device as the "
+                                     f"indexed tensor)")
+            return
+        host = [t for t in inputs if self.where(t) == HOST and t.dim() > 0]
+        if host and any(self.where(t) == ACCEL for t in inputs):
+            shapes = ", ".join(str(tuple(t.shape)) for t in host)
+            raise DeviceMismatch(f"{name}: host tensor(s) of shape {shapes} mixed with accelerator tensors (CUDA: "
+                                 f"Expected all tensors to be on the same device)")
+        if func is Tensor.numpy and inputs and self.where(inputs[0]) == ACCEL:
+            raise DeviceMismatch(f"{name}: an accelerator tensor converted to numpy (CUDA: call .cpu() first)")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        if _called_from(self.packages):
+            self._check(func, args, kwargs, inputs)
+            self.checked += 1
+        placement = self._placement(func, args, kwargs, inputs)
+        out = func(*args, **kwargs)
+        for t in tree_leaves(out):
+            if isinstance(t, Tensor):
+                if placement is None:
+                    self.place.pop(t, None)
+                else:
+                    self.place[t] = placement
+        return out
+
+
+__all__ = ["DeviceMismatch", "VirtualAccelerator"]
