@@ -105,17 +105,19 @@ def check_recipe(recipe: Recipe) -> None:
     check_kwargs(lookup(SCHEDULES, name, "schedule"), kw, "schedule")
     if not recipe.loss:
         raise FewstepError("missing section loss (with loss.name)")
-    name, kw = _split(recipe.loss)
+    name, loss_kw = _split(recipe.loss)
     cls = loss_class(name)
-    check_kwargs(cls, kw, "loss", skip=LOSS_INJECTED)
+    check_kwargs(cls, loss_kw, "loss", skip=LOSS_INJECTED)
     for key, valid in getattr(cls, "choices", {}).items():
-        if key in kw:
-            check_choice(kw[key], valid, key)
+        if key in loss_kw:
+            check_choice(loss_kw[key], valid, key)
     if not recipe.data:
         raise FewstepError("missing section data (with data.name)")
     name, kw = _split(recipe.data)
     check_kwargs(lookup(DATA, name, "data"), kw, "data")
-    phases = getattr(cls, "phases", ("student",))
+    # every phase the loss can run (adversarial CD's discriminator too); one its settings leave out is accepted,
+    # so a recipe may configure the discriminator a divergence override would bring in
+    phases = dict.fromkeys([*cls.phases_for(**loss_kw), *cls.phases])
     for phase, spec in [("default", recipe.optimizer), *recipe.optimizers.items()]:
         if phase != "default" and phase not in phases:
             raise FewstepError(f"unknown optimizers.{phase}: loss {recipe.loss['name']} has phases {', '.join(phases)}")

@@ -1,7 +1,8 @@
 """Running a recipe: the run directory's rules, multi-stage chaining, and dry runs.
 
 Run directory (``train.output_dir``): ``recipe.yaml`` (the resolved recipe), ``log.jsonl``,
-``checkpoints/``, ``samples/``, ``final/``. A directory that holds a run of a different recipe
+``checkpoints/``, ``samples/``, ``final/``. A recipe with stages runs each in ``RUN/NAME/`` and, when the
+last one has finished, points ``RUN/final`` at ``RUN/LAST/final`` (a relative symlink). A directory that holds a run of a different recipe
 (different in more than run-length keys such as ``train.max_steps``) is refused unless
 ``train.overwrite=true``, which starts the run over.
 """
@@ -21,7 +22,8 @@ from .errors import FewstepError
 from .io import write_text_atomic
 from .loop import Loop, LoopResult
 
-RUN_FILES = ("checkpoints", "final", "best", "samples", "log.jsonl", "recipe.yaml", ".final.tmp", ".best.tmp", "DONE", "pairs")
+RUN_FILES = ("checkpoints", "final", "best", "samples", "log.jsonl", "recipe.yaml", ".final.tmp", ".best.tmp", "DONE", "pairs",
+             ".final.link.tmp")
 STAGE_KINDS = ("distill", "pairs", "recipe")
 
 
@@ -96,7 +98,9 @@ def _write_run_dir(recipe: Recipe) -> None:
     if recipe.train.overwrite:
         for name in RUN_FILES:
             p = out / name
-            if p.is_dir():
+            if p.is_symlink():
+                p.unlink()
+            elif p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
@@ -246,7 +250,22 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print) -> LoopRes
         outputs[name] = out
         if result.status != "finished":
             return result
+    last = Path(recipe.train.output_dir) / recipe.stages[-1]["name"]
+    final = link_final(Path(recipe.train.output_dir), last / "final")
     if result is None:
-        last = Path(recipe.train.output_dir) / recipe.stages[-1]["name"]
-        return LoopResult(int((last / "DONE").read_text()), "finished", None, last / "final")
-    return result
+        return LoopResult(int((last / "DONE").read_text()), "finished", None, final)
+    return LoopResult(result.step, result.status, result.checkpoint, final)
+
+
+def link_final(run: Path, stage_final: Path) -> Path:
+    """``RUN/final``: a relative symlink to the last stage's ``final/`` (main process), so a multi-stage run's
+    model is where a single-stage run's is. A real directory already there is left as it is."""
+    link = run / "final"
+    state = processes()
+    if state.is_main_process and (link.is_symlink() or not link.exists()):
+        tmp = run / ".final.link.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(stage_final.relative_to(run), target_is_directory=True)
+        tmp.replace(link)  # atomic: never a missing or half-made link
+    state.wait_for_everyone()
+    return link

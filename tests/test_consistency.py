@@ -204,3 +204,29 @@ def test_guidance_embedding_student_starts_equal_to_teacher_and_exports_to_lcm_p
     # and one training step runs on encoded images and prompts
     batch = b.prepare({**b.dataset[0], "x0": b.dataset[0]["x0"][None], "prompt": [b.dataset[0]["prompt"]], "seeds": torch.arange(1)})
     assert torch.isfinite(b.loss("student", batch, student, teacher).loss)
+
+
+def test_adversarial_cd_recipe_trains_its_discriminator_with_its_own_optimizer(tmp_path):
+    """recipes/gmm_acd.yaml: `optimizers.discriminator` of adversarial CD is accepted (it was refused: the
+    check read the phases of a plain CD loss), built as asked and checkpointed; an unknown phase is refused."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from fewstep.builders import check_recipe
+    from fewstep.cli import main
+    from fewstep.config import load_recipe
+    from fewstep.errors import FewstepError
+
+    check_recipe(load_recipe("gmm_cd", ["loss.adversarial_weight=0.1", "optimizers.discriminator.lr=0.001"]))
+    with pytest.raises(FewstepError, match="unknown optimizers.critic: loss consistency has phases student, discriminator"):
+        check_recipe(load_recipe("gmm_cd", ["loss.adversarial_weight=0.1", "optimizers.critic.lr=0.001"]))
+    out = tmp_path / "acd"
+    assert main(["distill", "gmm_acd", f"train.output_dir={out}", "train.max_steps=4", "train.progress=false",
+                 "train.batch_size=64", "sample.num=8"]) == 0
+    ckpt = out / "cd" / "checkpoints" / "step-00000004"
+    state = json.loads((ckpt / "state.json").read_text())["state"]
+    assert state["phase_steps"] == {"student": 2, "discriminator": 2}
+    groups = state["skeletons"]["optim.discriminator"]
+    assert "0.5" in json.dumps(groups) and "0.0002" in json.dumps(groups)  # betas (0.5, 0.999), lr 2e-4
+    assert load_file(str(ckpt / "module.discriminator.safetensors"))

@@ -36,6 +36,24 @@ def test_recipe_smoke_runs_two_steps(name, tmp_path, capsys, tiny_dirs, captione
     assert finished(name, out)
 
 
+def test_a_multi_stage_run_keeps_its_model_at_run_final(tmp_path, tiny_dirs, captioned_dir):
+    """`fewstep distill gmm_reflow` then `fewstep sample --model RUN/final`: RUN/final points at the last stage's
+    final/ (a relative symlink, so the run directory can move), and a rerun keeps it."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "gmm_reflow"
+    assert main(smoke_args("gmm_reflow", out, tiny_dirs, captioned_dir)) == 0
+    link = out / "final"
+    assert link.is_symlink() and str(link.readlink()) == "distill/final"
+    assert link.resolve() == (out / "distill" / "final").resolve()
+    for model, name in ((link, "a"), (out / "distill" / "final", "b")):
+        assert main(["sample", "--model", str(model), "--steps", "1", "--num", "4", "--seed", "0",
+                     "--out", str(tmp_path / f"{name}.safetensors")]) == 0
+    assert torch.equal(load_file(str(tmp_path / "a.safetensors"))["samples"], load_file(str(tmp_path / "b.safetensors"))["samples"])
+    assert main(smoke_args("gmm_reflow", out, tiny_dirs, captioned_dir)) == 0  # every stage skipped; the link stays
+    assert link.is_symlink() and (link / "fewstep.json").is_file()
+
+
 @pytest.mark.slow
 def test_digits_teacher_draws_the_asked_class(tmp_path):
     """Must-show (about 6 minutes on 2 cores): >= 90% of 25-step guided samples classified as asked."""

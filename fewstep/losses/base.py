@@ -37,6 +37,19 @@ class DistillationLoss(nn.Module):
     #: valid values of name-valued arguments, checked with the recipe before any stage runs
     choices: dict[str, tuple[str, ...]] = {}
 
+    @classmethod
+    def settings(cls, **kwargs: Any) -> dict[str, Any]:
+        """``kwargs`` with every other keyword argument of ``__init__`` at its default (defaults live once)."""
+        import inspect
+
+        params = inspect.signature(cls.__init__).parameters
+        return {**{n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}, **kwargs}
+
+    @classmethod
+    def phases_for(cls, **kwargs: Any) -> tuple[str, ...]:
+        """The phases a loss built with these keyword arguments runs (what ``optimizers.PHASE`` may name)."""
+        return cls.phases
+
     def modules_to_train(self) -> dict[str, nn.Module]:
         """Trainable networks the loss owns (not the student), by name; checkpointed by the loop."""
         return {}

@@ -50,6 +50,7 @@ class ConsistencyDistillationLoss(DistillationLoss):
         adversarial_weight, gan_loss, discriminator_every: the adversarial variant.
     """
 
+    phases = ("student", "discriminator")  # every phase it can run; an instance runs ``phases_for`` its settings
     needs = ("x0",)
     choices = {"solver": (*(k for k in SOLVERS if k not in ("consistency", "renoise")), "data"), "target": TARGETS,
                "distance": tuple(DISTANCES), "gan_loss": GAN_LOSSES}
@@ -91,12 +92,16 @@ class ConsistencyDistillationLoss(DistillationLoss):
             if discriminator is None:
                 raise FewstepError("adversarial_weight > 0 needs a discriminator")
             self.discriminator = discriminator
-            self.phases = ("student", "discriminator")
+        self.phases = self.phases_for(adversarial_weight=adversarial_weight)
         self.target: nn.Module | None = None
         if self.target_kind == "ema":
             if student is None:
                 raise FewstepError("target=ema needs the student to copy")
             self.target = copy.deepcopy(student).requires_grad_(False).eval()
+
+    @classmethod
+    def phases_for(cls, **kwargs: Any) -> tuple[str, ...]:
+        return ("student", "discriminator") if cls.settings(**kwargs)["adversarial_weight"] > 0 else ("student",)
 
     @classmethod
     def build(cls, *, teacher=None, student=None, schedule=None, pipeline=None, **kwargs: Any) -> "ConsistencyDistillationLoss":

@@ -127,10 +127,16 @@ class FDivergenceLoss(DistillationLoss):
         self.needs = ("x0",) if self.needs_discriminator or regression_weight > 0 else ("cond",)
         self.needs_why = (f" for its discriminator (divergence {divergence}, gan_weight {gan_weight}; only reverse_kl "
                           "with gan_weight 0 runs on prompts alone)") if self.needs_discriminator else ""
-        self.phases = ("fake_score", "generator") if not self.needs_discriminator else ("fake_score", "discriminator", "generator")
+        self.phases = self.phases_for(divergence=divergence, gan_weight=gan_weight)
         self.cycle = ["fake_score"] * fake_updates + ["discriminator"] * self.discriminator_updates + ["generator"]
         self.ratio_bins, self.ratio_momentum = ratio_bins, ratio_momentum
         self.register_buffer("ratio_mean", torch.ones(max(ratio_bins, 1)))
+
+    @classmethod
+    def phases_for(cls, **kwargs: Any) -> tuple[str, ...]:
+        s = cls.settings(**kwargs)
+        needs_discriminator = s["divergence"] != "reverse_kl" or s["gan_weight"] > 0
+        return ("fake_score", "discriminator", "generator") if needs_discriminator else ("fake_score", "generator")
 
     @classmethod
     def build(cls, *, teacher=None, student=None, schedule=None, pipeline=None, **kwargs: Any) -> "FDivergenceLoss":
