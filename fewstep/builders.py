@@ -115,9 +115,9 @@ def check_recipe(recipe: Recipe) -> None:
         raise FewstepError("missing section data (with data.name)")
     name, kw = _split(recipe.data)
     check_kwargs(lookup(DATA, name, "data"), kw, "data")
-    # every phase the loss can run (adversarial CD's discriminator too); one its settings leave out is accepted,
-    # so a recipe may configure the discriminator a divergence override would bring in
-    phases = dict.fromkeys([*cls.phases_for(**loss_kw), *cls.phases])
+    # every phase the loss class can run (adversarial CD's discriminator too; ``phases_for`` is always a subset):
+    # one the settings leave out is accepted, so a recipe may configure the discriminator an override brings in
+    phases = cls.phases
     for phase, spec in [("default", recipe.optimizer), *recipe.optimizers.items()]:
         if phase != "default" and phase not in phases:
             raise FewstepError(f"unknown optimizers.{phase}: loss {recipe.loss['name']} has phases {', '.join(phases)}")

@@ -7,8 +7,8 @@ uses, for the update that follows t earlier ones,
     decay_t = 0                                  for t = 0 (the first update copies the weights)
     decay_t = min(d, (1 + t) / (10 + t))         for t >= 1
 
-so early averages forget the initial weights quickly and the decay reaches d after about 10 / (1 - d)
-updates. fewstep's loop uses this by default (``train.ema_warmup: true``); ``false`` gives the fixed d.
+so early averages forget the initial weights quickly and the decay reaches d after about 9 / (1 - d)
+updates ((1 + t) / (10 + t) = d at t = (10 d - 1) / (1 - d)). fewstep's loop uses this by default (``train.ema_warmup: true``); ``false`` gives the fixed d.
 """
 from __future__ import annotations
 

@@ -230,3 +230,17 @@ def test_adversarial_cd_recipe_trains_its_discriminator_with_its_own_optimizer(t
     groups = state["skeletons"]["optim.discriminator"]
     assert "0.5" in json.dumps(groups) and "0.0002" in json.dumps(groups)  # betas (0.5, 0.999), lr 2e-4
     assert load_file(str(ckpt / "module.discriminator.safetensors"))
+
+
+def test_the_phases_a_loss_runs_are_among_those_a_recipe_may_configure():
+    """check_recipe accepts ``optimizers.PHASE`` for every phase of the loss class; each instance runs a subset."""
+    from fewstep.losses import LOSSES
+
+    for cls in LOSSES.values():
+        assert set(cls.phases_for()) <= set(cls.phases), cls
+    assert ConsistencyDistillationLoss.phases_for(adversarial_weight=0.1) == ("student", "discriminator")
+    from fewstep.losses.fdivergence import WEIGHTINGS, FDivergenceLoss
+
+    for divergence in WEIGHTINGS:
+        for gan_weight in (0.0, 1e-3):
+            assert set(FDivergenceLoss.phases_for(divergence=divergence, gan_weight=gan_weight)) <= set(FDivergenceLoss.phases)
