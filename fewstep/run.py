@@ -251,10 +251,11 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print) -> LoopRes
         if result.status != "finished":
             return result
     last = Path(recipe.train.output_dir) / recipe.stages[-1]["name"]
-    final = link_final(Path(recipe.train.output_dir), last / "final")
+    # a recipe that ends with a pairs stage has no model: no link (it would dangle)
+    final = link_final(Path(recipe.train.output_dir), last / "final") if (last / "final").is_dir() else None
     if result is None:
         return LoopResult(int((last / "DONE").read_text()), "finished", None, final)
-    return LoopResult(result.step, result.status, result.checkpoint, final)
+    return LoopResult(result.step, result.status, result.checkpoint, final or result.final_dir)
 
 
 def link_final(run: Path, stage_final: Path) -> Path:
