@@ -87,7 +87,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     raw = load_recipe("gmm_fdistill").raw["loss"]
-    cycle = raw.get("fake_updates", 5) + raw.get("discriminator_updates", 1) + 1
+    cycle = raw.get("fake_updates", 5) + 1
     seeds = [int(s) for s in args.seeds.split(",")]
     fake = fake_score_of(Path(args.run))
     table = {}

@@ -16,7 +16,8 @@ from fewstep.denoisers import MixtureDenoiser
 from fewstep.eval import sliced_wasserstein2
 from fewstep.export import load_final
 from fewstep.schedules import VPSchedule
-from fewstep.solvers import make_solver, sample
+from fewstep.sampling import sampler_grid, sampler_solver
+from fewstep.solvers import sample
 
 
 def main() -> None:
@@ -33,17 +34,17 @@ def main() -> None:
     floor = sliced_wasserstein2(mixture.sample(args.num, torch.Generator().manual_seed(args.seed + 3)), reference)
     print(f"SW2 to the reference ring, N={args.num}; data floor {floor:.4f}")
     teacher = MixtureDenoiser(mixture, VPSchedule.from_betas("scaled_linear", 0.00085, 0.012, 1000, timestep_spacing="trailing"))
-    rows = [("analytic teacher (ddim)", teacher, "ddim", None)]
+    rows = [("analytic teacher (ddim)", teacher, {"solver": "ddim", "steps": 1})]
     for path in args.models:
         den, meta, _ = load_final(path)
-        s = meta["sampler"]
-        rows.append((path, den, s["solver"], s.get("spacing")))
-    for name, den, solver, spacing in rows:
+        rows.append((path, den, meta["sampler"]))
+    for name, den, s in rows:
         cells = []
+        solver = s["solver"]
         for n in steps:
-            kw = {"generator": torch.Generator().manual_seed(args.seed + 4)} if solver in ("ddim", "consistency") else {}
+            seed = args.seed + 4 if solver in ("ddim", "consistency") else None
             with torch.no_grad():
-                x = sample(den, make_solver(solver, **kw), noise, den.schedule.sampling_grid(n, spacing))
+                x = sample(den, sampler_solver(s, seed=seed), noise, sampler_grid(den.schedule, s, n))
             cells.append(f"{n} steps {sliced_wasserstein2(x, reference):.4f}")
         print(f"  {name:<40} {solver:<12} " + "  ".join(cells))
 

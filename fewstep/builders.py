@@ -19,7 +19,7 @@ from .generate import cycling_conditions
 from .loop import LoopSettings, PhaseOptimizer, optimizer_classes, scheduler_names
 from .losses import loss_class
 from .schedules import SCHEDULES, FlowSchedule, Schedule
-from .solvers import SOLVERS, make_solver, sample
+from .solvers import SOLVERS, sample
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: loss constructor arguments the builder supplies (from the models), never the recipe
@@ -116,11 +116,15 @@ def check_recipe(recipe: Recipe) -> None:
     name, kw = _split(recipe.data)
     check_kwargs(lookup(DATA, name, "data"), kw, "data")
     # every phase the loss class can run (adversarial CD's discriminator too; ``phases_for`` is always a subset):
-    # one the settings leave out is accepted, so a recipe may configure the discriminator an override brings in
-    phases = cls.phases
+    # one the settings leave out is accepted, so a recipe may configure the discriminator an override brings in;
+    # and the modules that train as a parameter group of a phase (f-distill's discriminator)
+    phases = (*cls.phases, *cls.groups)
     for phase, spec in [("default", recipe.optimizer), *recipe.optimizers.items()]:
         if phase != "default" and phase not in phases:
             raise FewstepError(f"unknown optimizers.{phase}: loss {recipe.loss['name']} has phases {', '.join(phases)}")
+        if phase in cls.groups and "name" in (spec or {}):
+            raise FewstepError(f"optimizers.{phase}.name: {phase} trains as a parameter group of another phase's "
+                               "optimizer; set its lr, betas or weight_decay, not another optimizer")
         merged = {**recipe.optimizer, **(spec or {})}
         opt_name, kw = _split(merged)
         cls_opt = lookup(optimizer_classes(), opt_name, "optimizer")
@@ -309,10 +313,18 @@ def build_model(spec: ModelSection, key: str, schedule: Schedule, *, teacher: Mo
 
 
 def cast_teacher(teacher: Model, dtype: str) -> None:
-    """Cast a teacher network to ``train.teacher_dtype`` (left alone when it already has that dtype)."""
+    """Cast a teacher network to ``train.teacher_dtype``; LoRA adapters on it (a ``teacher_lora`` fake score)
+    stay float32, as they train."""
     den = teacher.denoiser
-    if den is not None and hasattr(den, "net") and den.net_dtype != DTYPES[dtype]:
-        den.net.to(DTYPES[dtype])
+    if den is None or not hasattr(den, "net"):
+        return
+    to = DTYPES[dtype]
+    for n, p in den.net.named_parameters():
+        if "lora_" not in n and p.dtype != to:
+            p.data = p.data.to(to)
+    for b in den.net.buffers():
+        if b.is_floating_point() and b.dtype != to:
+            b.data = b.data.to(to)
 
 
 # ----------------------------------------------------------------------------- everything
@@ -350,20 +362,23 @@ def _sample_shape(model: Model) -> tuple[int, ...]:
     return (net.config.in_channels, size, size)
 
 
-def make_sample_fn(model: Model, *, solver: str, steps: int, guidance: float | None, num: int, spacing: str | None,
-                   prompts: list[str], seed: int, class_label: int | None = None) -> Callable[[Denoiser], Tensor]:
-    """Samples for grids: fixed noise, classes cycling 0..C-1 (or one ``class_label``) or the recipe's prompts;
-    decoded for pipelines."""
+def make_sample_fn(model: Model, sampler: dict[str, Any], *, num: int, prompts: list[str], seed: int,
+                   steps: int | None = None) -> Callable[[Denoiser], Tensor]:
+    """Samples for grids: fixed noise, classes cycling 0..C-1 (or the sampler's one ``class_label``) or the
+    recipe's prompts, with the model's ``sampler`` settings (fewstep.sampling); decoded for pipelines."""
+    from .sampling import sampler_grid, sampler_solver
+
     shape = _sample_shape(model)
     lp = model.pipeline
+    guidance = sampler.get("guidance")
 
     def fn(den: Denoiser) -> Tensor:
         g = torch.Generator().manual_seed(seed)
         device = next(iter(den.parameters()), torch.zeros(())).device
         x = torch.randn(num, *shape, generator=g).to(device)
-        cond = cycling_conditions(den, lp, num, prompts=prompts if lp is not None else None, class_label=class_label,
-                                  device=device)
-        out = sample(den, make_solver(solver, seed=seed + 1), x, den.schedule.sampling_grid(steps, spacing), cond,
+        cond = cycling_conditions(den, lp, num, prompts=prompts if lp is not None else None,
+                                  class_label=sampler.get("class_label"), device=device)
+        out = sample(den, sampler_solver(sampler, seed=seed + 1), x, sampler_grid(den.schedule, sampler, steps), cond,
                      guidance=guidance if cond is not None else None)
         if lp is not None:
             with torch.no_grad():
@@ -400,7 +415,6 @@ def build(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None) -> Bu
     student = build_model(recipe.student, "student", schedule, teacher=teacher, stage_outputs=stage_outputs, seed=tr.seed)
     if student.denoiser is None or not hasattr(student.denoiser, "net"):
         raise FewstepError(f"student.kind={recipe.student.kind} is not a trainable network; valid: unet2d, mlp, pipeline, pretrained")
-    cast_teacher(teacher, tr.teacher_dtype)
     net = student.denoiser.net
     net.requires_grad_(True)
     if recipe.lora is not None:
@@ -422,6 +436,9 @@ def build(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None) -> Bu
                          pipeline=student.pipeline or teacher.pipeline, **kw)
     else:
         loss = cls(**kw)
+    # after the loss: a fake score copied from the teacher starts from its float32 weights (DMD2 keeps its fake
+    # UNet in float32), not from their teacher_dtype rounding
+    cast_teacher(teacher, tr.teacher_dtype)
     dname = recipe.data["name"]
     dataset = build_data(recipe, stage_outputs)
     if "x0" in loss.needs and not is_stream(dataset) and "x0" not in dataset[0]:
@@ -432,44 +449,56 @@ def build(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None) -> Bu
     for phase in loss.phases:
         merged = {**recipe.optimizer, **(recipe.optimizers.get(phase) or {})}
         opt_name, okw = _split(merged)
-        optimizers[phase] = PhaseOptimizer(opt_name, okw, recipe.lr_scheduler.name, recipe.lr_scheduler.warmup_steps)
+        groups = {g: dict(recipe.optimizers[g]) for g in loss.groups
+                  if g in loss.phase_modules(phase) and recipe.optimizers.get(g)}
+        optimizers[phase] = PhaseOptimizer(opt_name, okw, recipe.lr_scheduler.name, recipe.lr_scheduler.warmup_steps,
+                                           groups)
     shared = {f.name: getattr(tr, f.name) for f in dataclasses.fields(LoopSettings) if hasattr(tr, f.name)}
     settings = LoopSettings(**{**shared, "output_dir": Path(tr.output_dir), "trackers": list(tr.trackers)},
                             best_metric=recipe.evaluation.best if recipe.evaluation is not None else None)
     sm = recipe.sample
+    sampler = sampler_settings(recipe, loss)
+    if student.pipeline is not None:
+        from .export import check_exportable
+
+        check_exportable(student.denoiser, sampler)  # before any training: refused now, not after a day's run
     sample_fn = None if student.kind == "classifier" else make_sample_fn(
-        student, solver=sm.solver, steps=sm.steps, guidance=sm.guidance, num=sm.num, spacing=sm.spacing,
-        prompts=sm.prompts, seed=tr.seed, class_label=sm.class_label)
+        student, sampler, num=sm.num, prompts=sm.prompts, seed=tr.seed)
 
     def export(den: Denoiser, directory: Path) -> None:
         from .export import pipeline_scheduler, student_schedule_spec, write_final
 
-        meta = {"recipe": recipe.name, "method": name, "teacher": _describe(recipe.teacher),
-                "sampler": {"solver": sm.solver, "steps": sm.steps, "guidance": sm.guidance, "spacing": sm.spacing,
-                             **({"class_label": sm.class_label} if sm.class_label is not None else {})}}
+        meta = {"recipe": recipe.name, "method": name, "teacher": _describe(recipe.teacher), "sampler": sampler}
         if student.kind != "classifier":
             meta["sample_shape"] = list(_sample_shape(student))
         write_final(den, directory, kind=student.kind, meta=meta, recipe_yaml=recipe.to_yaml(),
                     schedule_spec=student_schedule_spec(den, schedule_spec), pipeline=student.pipeline,
-                    scheduler=pipeline_scheduler(den, student.pipeline, sm.solver))
+                    scheduler=pipeline_scheduler(den, student.pipeline, sampler))
 
     evaluate = None
     if recipe.evaluation is not None and student.kind != "classifier":
-        evaluate = make_evaluate(student, recipe, seed=tr.seed)
+        evaluate = make_evaluate(student, recipe, sampler, seed=tr.seed)
     return Built(recipe, schedule, teacher, student, loss, dataset, settings, optimizers,
                  make_prepare(student.pipeline or teacher.pipeline), sample_fn, export, evaluate)
 
 
-def make_evaluate(student: Model, recipe: Recipe, *, seed: int) -> Callable[[Denoiser, int], dict[str, float]]:
+def sampler_settings(recipe: Recipe, loss: Any) -> dict[str, Any]:
+    """The recipe's ``sample`` section plus what the loss trained under (``loss.sampler_settings``): the sampler
+    written to fewstep.json and used for grids and evaluation."""
+    sm = recipe.sample
+    return {"solver": sm.solver, "steps": sm.steps, "guidance": sm.guidance, "spacing": sm.spacing,
+            **({"class_label": sm.class_label} if sm.class_label is not None else {}), **loss.sampler_settings()}
+
+
+def make_evaluate(student: Model, recipe: Recipe, sampler: dict[str, Any], *,
+                  seed: int) -> Callable[[Denoiser, int], dict[str, float]]:
     """Samples from the student (fixed noise, classes cycling) scored as `fewstep eval` scores them."""
     from .eval.evaluate import evaluate, make_extractor, reference_from
 
     ev, sm = recipe.evaluation, recipe.sample
     extract, _ = make_extractor(ev.features)
     reference = reference_from(ev.reference, extract)
-    draw = make_sample_fn(student, solver=sm.solver, steps=ev.steps or sm.steps, guidance=sm.guidance, num=ev.num,
-                          spacing=sm.spacing, prompts=sm.prompts, seed=seed + 1,
-                          class_label=sm.class_label)
+    draw = make_sample_fn(student, sampler, num=ev.num, prompts=sm.prompts, seed=seed + 1, steps=ev.steps)
 
     def run(den: Denoiser, step: int) -> dict[str, float]:
         with torch.no_grad():

@@ -44,21 +44,34 @@ def student_schedule_spec(student: Denoiser, recipe_spec: dict[str, Any]) -> dic
     return recipe_spec
 
 
-def pipeline_scheduler(student: Denoiser, pipeline, solver: str):
+def check_exportable(student: Denoiser, sampler: dict[str, Any]) -> None:
+    """Refuse (before training) a pipeline student whose sampler no diffusers scheduler runs: LCMScheduler
+    fixes sigma_data at 0.5 in its boundary coefficients."""
+    if sampler["solver"] == "consistency" and student.schedule.kind == "vp" and sampler.get("sigma_data", 0.5) != 0.5:
+        raise FewstepError(f"loss.sigma_data {sampler['sigma_data']}: a pipeline student exports with diffusers' "
+                           "LCMScheduler, whose boundary coefficients fix sigma_data at 0.5; use 0.5 (LCM's value) "
+                           "for a pipeline student")
+
+
+def pipeline_scheduler(student: Denoiser, pipeline, sampler: dict[str, Any]):
     """The diffusers scheduler a pipeline student is exported with, or None to keep the pipeline's.
 
     A student reinterpreted as a rectified flow gets FlowMatchEulerDiscreteScheduler (its Euler step
-    is exactly fewstep's on the flow schedule); a VP consistency student gets LCMScheduler (its step
-    is fewstep's consistency sampler with lcm spacing); a VP renoise (DMD2) student gets LCMScheduler
-    with c_skip = 0, to be called with DMD2's timesteps (docs/fdistill.md).
+    is exactly fewstep's on the flow schedule); a VP consistency student gets LCMScheduler with the loss's
+    ``timestep_scaling`` and N as ``original_inference_steps`` (its step is fewstep's consistency sampler with
+    lcm spacing); a VP renoise (DMD2) student gets LCMScheduler with c_skip = 0, to be called with its
+    timesteps (docs/fdistill.md).
     """
     if pipeline is None:
         return None
     from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler
 
     current = pipeline.pipe.scheduler
+    solver = sampler["solver"]
     if solver == "consistency" and student.schedule.kind == "vp":
-        return LCMScheduler.from_config(current.config, timestep_scaling=10.0, original_inference_steps=50,
+        check_exportable(student, sampler)
+        return LCMScheduler.from_config(current.config, timestep_scaling=float(sampler.get("timestep_scaling", 10.0)),
+                                        original_inference_steps=int(sampler.get("original_steps", 50)),
                                         prediction_type=student.prediction_type)
     if solver == "renoise" and student.schedule.kind == "vp":
         # DMD2's sampler is LCMScheduler's step with c_skip = 0, c_out = 1: a huge timestep_scaling gives
@@ -85,7 +98,7 @@ Made with fewstep {meta['fewstep_version']}.
 | method | {meta.get('method')} |
 | teacher | {meta.get('teacher') or 'none (trained from data)'} |
 | network | {meta['kind']} ({meta['prediction_type']} prediction) |
-| sampler | {s['solver']}, {s['steps']} steps |
+| sampler | {s['solver']}, {s['steps']} steps{f" (timesteps {s['timesteps']})" if s.get('timesteps') else ""} |
 | guidance | {guidance} |
 | scheduler | {meta.get('scheduler', 'see fewstep.json')} |
 
@@ -174,7 +187,7 @@ def lora_usage(meta: dict[str, Any]) -> str:
     fused = "".join(f'pipe.load_lora_weights("{f}")\npipe.fuse_lora()\npipe.unload_lora_weights()\n'
                     for f in meta.get("base_loras", []))
     guidance = 1.0 if s.get("guidance") is None else s["guidance"]
-    steps = (f'timesteps={list(range(999, 0, -1000 // s["steps"]))[:s["steps"]]}'
+    steps = (f'timesteps={s.get("timesteps") or list(range(999, 0, -1000 // s["steps"]))[:s["steps"]]}'
              if s["solver"] == "renoise" else f'num_inference_steps={s["steps"]}')
     return f"""```python
 import diffusers

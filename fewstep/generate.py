@@ -53,7 +53,8 @@ class Generator:
     def __call__(self, num: int, *, seed: int = 0, steps: int | None = None, solver: str | None = None,
                  guidance: float | None = None, class_label: int | None = None, prompts: list[str] | None = None,
                  progress: bool = False) -> Tensor:
-        from .solvers import make_solver, sample
+        from .sampling import sampler_grid, sampler_solver
+        from .solvers import sample
 
         if num < 1 or (steps is not None and steps < 1):
             raise FewstepError("the number of samples and steps must be at least 1")
@@ -63,8 +64,8 @@ class Generator:
         cond = self.conditions(num, class_label=class_label, prompts=prompts)
         x = torch.randn(num, *self.meta["sample_shape"], generator=torch.Generator().manual_seed(seed))
         g = guidance if guidance is not None else s.get("guidance")
-        out = sample(self.denoiser, make_solver(solver or s["solver"], seed=seed + 1), x,
-                     self.denoiser.schedule.sampling_grid(steps or s["steps"], s.get("spacing")), cond,
+        out = sample(self.denoiser, sampler_solver(s, seed=seed + 1, name=solver), x,
+                     sampler_grid(self.denoiser.schedule, s, steps), cond,
                      guidance=g if cond is not None else None, progress=progress)
         if self.pipeline is not None:
             out = self.pipeline.decode_latents(out)

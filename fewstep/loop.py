@@ -62,12 +62,14 @@ class LoopSettings:
 
 @dataclass
 class PhaseOptimizer:
-    """A phase's optimizer (torch.optim class name + keyword arguments) and LR schedule."""
+    """A phase's optimizer (torch.optim class name + keyword arguments) and LR schedule; ``groups``: for a
+    module the phase trains, keyword arguments of its own parameter group (its lr, betas, ...)."""
 
     name: str = "AdamW"
     kwargs: dict[str, Any] = field(default_factory=lambda: {"lr": 1e-4})
     scheduler: str = "constant"
     warmup_steps: int = 0
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -204,12 +206,16 @@ class Loop:
             names = loss.phase_modules(phase)
             for n in names:
                 lookup(self.modules, n, f"module of phase {phase!r}")
-            params = [p for n in names for p in trainable(self.modules[n]).values()]
+            per_module = {n: list(trainable(self.modules[n]).values()) for n in names}
+            params = [p for ps in per_module.values() for p in ps]
             if not params:
                 raise FewstepError(f"phase {phase!r} has no trainable parameters (modules {', '.join(names)})")
             spec = optimizers.get(phase) or optimizers.get("default") or PhaseOptimizer()
             cls = lookup(optimizer_classes(), spec.name, "optimizer")
-            opt = cls(params, **spec.kwargs)
+            own = [n for n in names if n in spec.groups]
+            rest = [p for n in names if n not in spec.groups for p in per_module[n]]
+            opt = cls([*([{"params": rest}] if rest else []),
+                       *({"params": per_module[n], **spec.groups[n]} for n in own)], **spec.kwargs)
             from diffusers.optimization import get_scheduler
 
             if spec.scheduler not in scheduler_names():

@@ -104,13 +104,14 @@ class Schedule:
         alpha, sigma = self.coefficients(t, x0)
         return (alpha * x0.float() + sigma * eps.float()).to(x0.dtype)
 
-    def timesteps(self, num_steps: int, spacing: str | None = None) -> Tensor:
-        """Descending sampling timesteps (float64, ``num_steps`` values, the clean end excluded)."""
+    def timesteps(self, num_steps: int, spacing: str | None = None, original_steps: int = 50) -> Tensor:
+        """Descending sampling timesteps (float64, ``num_steps`` values, the clean end excluded); ``original_steps``
+        is LCM's skipping-step grid size for ``spacing: lcm``."""
         raise NotImplementedError
 
-    def sampling_grid(self, num_steps: int, spacing: str | None = None) -> Tensor:
+    def sampling_grid(self, num_steps: int, spacing: str | None = None, original_steps: int = 50) -> Tensor:
         """``timesteps(num_steps)`` followed by ``t_clean``: the ``num_steps + 1`` points a sampler visits."""
-        ts = self.timesteps(num_steps, spacing)
+        ts = self.timesteps(num_steps, spacing, original_steps)
         return torch.cat([ts, torch.tensor([self.t_clean], dtype=torch.float64)])
 
     # Coordinates in which the probability-flow ODE is simple. VP: y = x / alpha, r = sigma / alpha,
@@ -180,14 +181,14 @@ class VPSchedule(Schedule):
         ab = torch.where(t < 0, torch.full_like(ab, self.final_alpha_cumprod), ab)
         return ab.sqrt(), (1 - ab).clamp_min(0).sqrt()
 
-    def timesteps(self, num_steps: int, spacing: str | None = None) -> Tensor:
+    def timesteps(self, num_steps: int, spacing: str | None = None, original_steps: int = 50) -> Tensor:
         """Timesteps as diffusers' DDIMScheduler.set_timesteps computes them for the same spacing."""
         T = self.num_train_timesteps
         if not 1 <= num_steps <= T:
             raise FewstepError(f"num_steps must be in 1..{T}, got {num_steps}")
         spacing = check_choice(spacing or self.timestep_spacing, (*TIMESTEP_SPACINGS, "lcm"), "timestep spacing")
         if spacing == "lcm":
-            ts = lcm_timesteps(num_steps, T)
+            ts = lcm_timesteps(num_steps, T, original_steps)
         elif spacing == "leading":
             ratio = T // num_steps
             ts = (np.arange(0, num_steps) * ratio).round()[::-1] + self.steps_offset
@@ -228,7 +229,7 @@ class FlowSchedule(Schedule):
     def shifted(self, s: np.ndarray) -> np.ndarray:
         return self.shift * s / (1 + (self.shift - 1) * s)
 
-    def timesteps(self, num_steps: int, spacing: str | None = None) -> Tensor:
+    def timesteps(self, num_steps: int, spacing: str | None = None, original_steps: int = 50) -> Tensor:
         """Timesteps as diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps computes them (static shift)."""
         if num_steps < 1:
             raise FewstepError(f"num_steps must be at least 1, got {num_steps}")
@@ -236,7 +237,7 @@ class FlowSchedule(Schedule):
             raise FewstepError(f"unknown timestep spacing {spacing!r} for a flow schedule; valid: linspace, lcm")
         T = self.num_train_timesteps
         if spacing == "lcm":  # the skipping-step grid in flow time t = 1000 s (consistency students)
-            return torch.tensor(lcm_timesteps(num_steps, T), dtype=torch.float64)
+            return torch.tensor(lcm_timesteps(num_steps, T, original_steps), dtype=torch.float64)
         s_min = float(self.shifted(np.array(1.0 / T)))
         s = self.shifted(np.linspace(1.0, s_min, num_steps))
         return torch.tensor(s * T, dtype=torch.float64)

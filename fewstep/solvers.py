@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .consistency import SIGMA_DATA, TIMESTEP_SCALING, consistency_function
 from .denoisers.base import Cond, Denoiser, Guidance
 from .errors import FewstepError, lookup
 
@@ -121,17 +122,20 @@ class DPMSolverPP2M:
 class Consistency:
     """Multistep consistency sampling (Song et al. 2023, Algorithm 1; LCMScheduler): x0 = f(x, t), then
     re-noise to the next timestep with fresh noise from ``generator``; the last step returns f(x, t).
-    Use it with ``spacing: lcm`` (LCM's timesteps) or ``trailing`` (999, 749, 499, 249 for four)."""
+    Use it with ``spacing: lcm`` (LCM's timesteps) or ``trailing`` (999, 749, 499, 249 for four).
+    ``timestep_scaling`` and ``sigma_data`` are the boundary coefficients' (fewstep.consistency); a student
+    is sampled with the values its consistency loss trained with (fewstep.sampling)."""
 
     order = 1
 
-    def __init__(self, generator: torch.Generator | None = None) -> None:
+    def __init__(self, generator: torch.Generator | None = None, timestep_scaling: float = TIMESTEP_SCALING,
+                 sigma_data: float = SIGMA_DATA) -> None:
         self.generator = generator
+        self.timestep_scaling, self.sigma_data = timestep_scaling, sigma_data
 
     def x0(self, denoiser, x, t, cond, guidance) -> Tensor:
-        from .consistency import consistency_function
-
-        return consistency_function(denoiser, x, t, cond, guidance=guidance)
+        return consistency_function(denoiser, x, t, cond, guidance=guidance, timestep_scaling=self.timestep_scaling,
+                                    sigma_data=self.sigma_data)
 
     def step(self, denoiser, x, t, t_next, cond=None, state=None, *, guidance=None):
         x0 = self.x0(denoiser, x, t, cond, guidance)

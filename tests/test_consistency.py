@@ -244,3 +244,49 @@ def test_the_phases_a_loss_runs_are_among_those_a_recipe_may_configure():
     for divergence in WEIGHTINGS:
         for gan_weight in (0.0, 1e-3):
             assert set(FDivergenceLoss.phases_for(divergence=divergence, gan_weight=gan_weight)) <= set(FDivergenceLoss.phases)
+
+
+def test_non_default_consistency_settings_reach_the_sampler_and_the_lcm_export(tmp_path, tiny_dirs, captioned_dir):
+    """timestep_scaling 0.01 (c_skip ~ 0.02 at t = 339, not ~1e-8) and N = 20 (3 lcm steps: 999, 699, 349, not
+    999, 679, 339): plain diffusers' LCMScheduler, loaded from the export, reproduces fewstep's own 3-step
+    sample; the default settings would not."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    from fewstep.builders import build
+    from fewstep.config import validate
+    from fewstep.generate import Generator
+
+    def recipe(**loss):
+        return validate({
+            "name": "t", "teacher": {"kind": "pipeline", "path": str(tiny_dirs["sd"])},
+            "student": {"kind": "pipeline", "init": "teacher"},
+            "loss": {"name": "consistency", "num_timesteps": 20, "timestep_scaling": 0.01, **loss},
+            "data": {"name": "images", "root": str(captioned_dir), "resolution": 32},
+            "sample": {"solver": "consistency", "steps": 3, "spacing": "lcm"},
+            "train": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "progress": False},
+        })
+
+    b = build(recipe())
+    final = tmp_path / "final"
+    b.export(b.student.denoiser, final)
+    gen = Generator.load(str(final))
+    assert gen.meta["sampler"]["timestep_scaling"] == 0.01 and gen.meta["sampler"]["original_steps"] == 20
+    ours = gen(1, seed=0, prompts=["a red bicycle"])
+    pipe = StableDiffusionPipeline.from_pretrained(final)
+    assert isinstance(pipe.scheduler, LCMScheduler)
+    pipe.scheduler.set_timesteps(3)
+    assert pipe.scheduler.timesteps.tolist() == [999, 699, 349]
+    size = pipe.unet.config.sample_size
+    latents = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(0))
+
+    def plain(p):  # the consistency sampler's re-noising draws from seed + 1, as the pipeline's generator here
+        return p("a red bicycle", num_inference_steps=3, guidance_scale=1.0, latents=latents, output_type="pt",
+                 generator=torch.Generator().manual_seed(1)).images * 2 - 1
+
+    theirs = plain(pipe)
+    assert torch.allclose(ours, theirs, atol=1e-4)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, timestep_scaling=10.0, original_inference_steps=50)
+    assert (plain(pipe) - ours).abs().max() > 1e-2  # the defaults sample another model: the check can fail
+    # LCMScheduler fixes sigma_data at 0.5: another value is refused before training, in one line
+    with pytest.raises(FewstepError, match="sigma_data 0.7: a pipeline student exports with diffusers' LCMScheduler"):
+        build(recipe(sigma_data=0.7))

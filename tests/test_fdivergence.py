@@ -66,18 +66,23 @@ def _setup(divergence="jensen_shannon", **kw):
 
 
 def test_phases_cycle_and_train_their_own_modules():
+    """DMD2's cadence (tianweiy/DMD2 main/train_sd.py): the fake score and the discriminator update together on
+    every non-generator step, so the discriminator gets fake_updates updates per generator update."""
     teacher, student, loss = _setup(fake_updates=2)
-    assert [loss.phase_for(i) for i in range(8)] == ["fake_score", "fake_score", "discriminator", "generator"] * 2
+    assert [loss.phase_for(i) for i in range(6)] == ["fake_score", "fake_score", "generator"] * 2
     assert set(loss.modules_to_train()) == {"fake_score", "discriminator"}
+    assert loss.phase_modules("fake_score") == ("fake_score", "discriminator")
     batch = {"x0": make_mixture("ring").sample(16), "seeds": torch.arange(16)}
-    for phase, owner in (("fake_score", loss.fake_score.net), ("discriminator", loss.discriminator), ("generator", student.net)):
+    for phase, owners in (("fake_score", (loss.fake_score.net, loss.discriminator)), ("generator", (student.net,))):
         for m in (loss.fake_score.net, loss.discriminator, student.net):
             m.zero_grad(set_to_none=True)
         out = loss(phase, batch, student, teacher)
         out.loss.backward()
-        assert all(p.grad is not None for p in owner.parameters()), phase
+        for owner in owners:
+            assert all(p.grad is not None for p in owner.parameters()), phase
         if phase != "generator":
             assert all(p.grad is None for p in student.net.parameters()), phase
+            assert torch.allclose(out.loss, out.logs["fake_score_loss"] + out.logs["disc_loss"])
     assert {"r_mean", "h_mean", "dm_grad_norm", "gan_generator"} <= set(out.logs)
 
 
@@ -180,6 +185,7 @@ def test_resume_restores_fake_score_discriminator_optimizers_and_ratio_bins(tmp_
             "student": {"kind": "mlp", "config": {"dim": 2, "hidden": 16, "depth": 2, "num_classes": 0}, "precondition": "edm"},
             "loss": {"name": "fdistill", "divergence": "jensen_shannon", "gan_weight": 0.01, "fake_updates": 2, "ratio_bins": 4},
             "data": {"name": "mixture", "size": 500}, "optimizer": {"name": "AdamW", "lr": 0.001},
+            "optimizers": {"discriminator": {"lr": 0.002}},
             "sample": {"solver": "renoise", "spacing": "trailing", "steps": 1, "num": 8},
             "train": {"output_dir": str(out), "max_steps": 12, "batch_size": 16, "checkpoint_every": 5, "progress": False,
                       **train},
@@ -198,8 +204,100 @@ def test_resume_restores_fake_score_discriminator_optimizers_and_ratio_bins(tmp_
     a, b = (checkpoint_dirs(tmp_path / d / "checkpoints")[-1] for d in ("ref", "killed"))
     names = sorted(p.name for p in a.glob("*.safetensors"))
     assert {"module.fake_score.safetensors", "module.discriminator.safetensors", "loss_state.safetensors",
-            "optim.fake_score.safetensors", "optim.discriminator.safetensors", "optim.generator.safetensors"} <= set(names)
+            "optim.fake_score.safetensors", "optim.generator.safetensors"} <= set(names)
     for name in names:
         fa, fb = load_file(str(a / name)), load_file(str(b / name))
         assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa), name
     assert not torch.equal(load_file(str(a / "loss_state.safetensors"))["ratio_mean"], torch.ones(4))
+
+
+def test_discriminator_steps_with_every_fake_score_update_in_its_own_parameter_group(tmp_path):
+    """DMD2 (main/train_sd.py) steps its classifier with the fake score on every guidance iteration: after
+    two cycles of fake_updates 3 the discriminator has taken 6 optimizer steps (one per fake-score step, not one
+    per generator step), at the rate optimizers.discriminator gives it, and the generator 2."""
+    from fewstep.config import validate
+    from fewstep.run import build_loop, prepare_run_dir
+
+    recipe = validate({
+        "name": "fd", "schedule": {"name": "vp"}, "teacher": {"kind": "mixture"},
+        "student": {"kind": "mlp", "config": {"dim": 2, "hidden": 16, "depth": 2, "num_classes": 0}, "precondition": "edm"},
+        "loss": {"name": "fdistill", "divergence": "jensen_shannon", "gan_weight": 0.01, "fake_updates": 3},
+        "data": {"name": "mixture", "size": 200}, "optimizer": {"name": "AdamW", "lr": 0.001},
+        "optimizers": {"fake_score": {"lr": 0.0005}, "discriminator": {"lr": 0.002, "betas": [0.5, 0.9]}},
+        "sample": {"solver": "renoise", "spacing": "trailing", "steps": 1, "num": 8},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 8, "batch_size": 8, "progress": False},
+    })
+    prepare_run_dir(recipe)
+    loop = build_loop(recipe, log=lambda m: None)
+    assert loop.run().step == 8
+    assert loop.phase_steps == {"fake_score": 6, "generator": 2}
+    opt = loop.optimizers["fake_score"]
+    fake, disc = ({id(p) for p in m.parameters()} for m in (loop.loss.fake_score.net, loop.loss.discriminator))
+    (g_fake,), (g_disc,) = ([g for g in opt.param_groups if {id(p) for p in g["params"]} == ids] for ids in (fake, disc))
+    assert (g_fake["lr"], g_disc["lr"], tuple(g_disc["betas"])) == (0.0005, 0.002, (0.5, 0.9))
+    assert all(int(opt.state[p]["step"]) == 6 for p in g_disc["params"])
+
+
+def test_conditioning_timestep_399_generates_from_pure_noise_and_exports(tmp_path, tiny_dirs):
+    """DMD2 SDXL's one-step generator (``--conditioning_timestep 399``, main/sd_unified_model.py): the UNet sees
+    pure noise z at timestep 399 and x0 = (z - sqrt(1 - abar_399) eps_hat) / sqrt(abar_399), computed here from
+    the UNet and diffusers' alphas_cumprod directly; exported, plain diffusers with timesteps=[399] gives
+    fewstep's sample."""
+    from diffusers import StableDiffusionPipeline
+
+    from fewstep.builders import build
+    from fewstep.config import validate
+    from fewstep.generate import Generator
+    from fewstep.rng import SampleRNG
+
+    recipe = validate({
+        "name": "t", "teacher": {"kind": "pipeline", "path": str(tiny_dirs["sd"])},
+        "student": {"kind": "pipeline", "init": "teacher"},
+        "loss": {"name": "fdistill", "divergence": "reverse_kl", "guidance": 1.75, "timesteps": [399]},
+        "data": {"name": "prompts"}, "sample": {"solver": "renoise", "steps": 1},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "progress": False},
+    })
+    b = build(recipe)
+    cond = b.student.pipeline.encode_prompts(["a cat", "a dog"])
+    size = b.student.denoiser.net.config.sample_size
+    z = torch.randn(2, 4, size, size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        x = b.loss.generate(b.student.denoiser, z, cond, SampleRNG(torch.arange(2), "cpu"), grad=False)
+        unet = b.student.pipeline.pipe.unet
+        eps = unet(z, torch.tensor([399, 399]), encoder_hidden_states=cond["encoder_hidden_states"]).sample.double()
+    abar = b.student.pipeline.pipe.scheduler.alphas_cumprod.double()[399]
+    assert torch.allclose(x.double(), (z.double() - (1 - abar).sqrt() * eps) / abar.sqrt(), atol=1e-4)
+    final = tmp_path / "final"
+    b.export(b.student.denoiser, final)
+    gen = Generator.load(str(final))
+    assert gen.meta["sampler"]["timesteps"] == [399]
+    ours = gen(1, seed=0, prompts=["a red bicycle"])
+    pipe = StableDiffusionPipeline.from_pretrained(final)
+    latents = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(0))
+    theirs = pipe("a red bicycle", timesteps=[399], guidance_scale=1.0, latents=latents, output_type="pt").images * 2 - 1
+    assert torch.allclose(ours, theirs, atol=1e-4)
+    assert "| sampler | renoise, 1 steps (timesteps [399]) |" in (final / "README.md").read_text()
+    with pytest.raises(FewstepError, match="loss.timesteps has 2 values but loss.steps is 1"):
+        build(validate({**recipe.raw, "loss": {**recipe.raw["loss"], "timesteps": [999, 399]}}))
+
+
+def test_fake_score_copies_the_float32_teacher_weights_not_their_teacher_dtype_rounding(tmp_path, tiny_dirs):
+    """DMD2 builds its fake UNet in float32 from the float32 weights; the teacher runs in train.teacher_dtype."""
+    from diffusers import UNet2DConditionModel
+
+    from fewstep.builders import build
+    from fewstep.config import validate
+
+    b = build(validate({
+        "name": "t", "teacher": {"kind": "pipeline", "path": str(tiny_dirs["sd"])},
+        "student": {"kind": "pipeline", "init": "teacher"},
+        "loss": {"name": "fdistill", "divergence": "reverse_kl", "guidance": 1.75}, "data": {"name": "prompts"},
+        "sample": {"solver": "renoise", "steps": 1},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "progress": False, "teacher_dtype": "float16"},
+    }))
+    disk = UNet2DConditionModel.from_pretrained(tiny_dirs["sd"], subfolder="unet").state_dict()
+    fake = b.loss.fake_score.net.state_dict()
+    assert b.teacher.denoiser.net_dtype == torch.float16
+    assert all(v.dtype == torch.float32 for v in fake.values())
+    assert all(torch.equal(fake[k], disk[k]) for k in disk)
+    assert not all(torch.equal(disk[k].half().float(), disk[k]) for k in disk)  # rounding would have changed them

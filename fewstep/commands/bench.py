@@ -56,12 +56,13 @@ def entries(args: argparse.Namespace) -> list[tuple[str, str, int]]:
 
 def timed_run(gen, steps: int, batch: int, seed: int):
     """A closure that generates one batch, timing text encoding, denoiser steps and VAE decode separately."""
-    from ..solvers import make_solver, sample
+    from ..sampling import sampler_grid, sampler_solver
+    from ..solvers import sample
 
     s = gen.meta["sampler"]
     x = torch.randn(batch, *gen.meta["sample_shape"], generator=torch.Generator().manual_seed(seed))
-    solver = make_solver(s["solver"])
-    grid = gen.denoiser.schedule.sampling_grid(steps, s.get("spacing"))
+    solver = sampler_solver(s)
+    grid = sampler_grid(gen.denoiser.schedule, s, steps)
 
     @torch.no_grad()
     def run(timer) -> None:

@@ -72,7 +72,7 @@ def student_recipe(name: str, recipe: str, stages: list[dict], per_update: int |
     if stages:
         raw["stages"] = copy.deepcopy(stages)
     loss = raw.get("loss", {})
-    cycle = per_update or (loss.get("fake_updates", 5) + loss.get("discriminator_updates", 1) + 1)
+    cycle = per_update or (loss.get("fake_updates", 5) + 1)
     if "pairs" in raw:
         raw["pairs"] = {**raw["pairs"], "num": settings["pairs"], "shard_size": settings["pairs"], "seed": settings["seed"]}
     if shared_pairs:

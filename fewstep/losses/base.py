@@ -32,6 +32,9 @@ class DistillationLoss(nn.Module):
     """
 
     phases: tuple[str, ...] = ("student",)
+    #: modules (of ``modules_to_train``) a recipe may give optimizer settings of their own (``optimizers.NAME``)
+    #: although no phase has their name: they train as a parameter group of the phase that trains them
+    groups: tuple[str, ...] = ()
     #: the data a loss needs: "x0" (images/latents/vectors) and/or "cond" (prompts, labels)
     needs: tuple[str, ...] = ("x0",)
     #: valid values of name-valued arguments, checked with the recipe before any stage runs
@@ -71,6 +74,11 @@ class DistillationLoss(nn.Module):
 
     def forward(self, phase: str, batch: dict, student: Denoiser, teacher: Denoiser | None) -> LossOutput:
         raise NotImplementedError
+
+    def sampler_settings(self) -> dict[str, Any]:
+        """Settings the student must be sampled with to run what this loss trained (fewstep.sampling): they join
+        the recipe's ``sample`` section in the exported ``fewstep.json``."""
+        return {}
 
     def on_step_end(self, phase: str, student: Denoiser) -> None:
         """Called after each optimizer step of ``phase`` (e.g. to update an EMA target)."""

@@ -133,6 +133,10 @@ class ConsistencyDistillationLoss(DistillationLoss):
             return "discriminator"
         return "student"
 
+    def sampler_settings(self) -> dict[str, Any]:
+        """The boundary coefficients' settings, and N: ``spacing: lcm`` picks from the N-point grid trained on."""
+        return {"timestep_scaling": self.timestep_scaling, "sigma_data": self.sigma_data, "original_steps": self.N}
+
     def f(self, den, x: Tensor, t: Tensor, cond, w: Tensor | None) -> Tensor:
         guidance = w if den.guidance_embedding_dim is not None else None  # no CFG on students without the embedding
         return consistency_function(den, x, t, cond, guidance=guidance, timestep_scaling=self.timestep_scaling,

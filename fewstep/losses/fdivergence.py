@@ -1,11 +1,13 @@
 """f-divergence distribution matching (f-distill, Xu et al. 2025); DMD / DMD2 (Yin et al. 2024) is its
 reverse-KL member.
 
-Three phases, cycled as [fake_score] * fake_updates + [discriminator] * discriminator_updates + [generator]
-(the two time-scale update rule of DMD2):
+Two phases, cycled as [fake_score] * fake_updates + [generator] (the two time-scale update rule of DMD2):
 
-- fake_score: ordinary denoising loss of the fake score on detached generator samples.
-- discriminator: non-saturating GAN loss, softplus(-D(real_t)) + softplus(D(fake_t)), on noisy samples.
+- fake_score: ordinary denoising loss of the fake score on detached generator samples, plus, when there is a
+  discriminator, its non-saturating GAN loss softplus(-D(real_t)) + softplus(D(fake_t)) on the same samples,
+  both stepped by one optimizer (the discriminator in its own parameter group: ``optimizers.discriminator``).
+  DMD2 updates its fake UNet and classifier head together on every guidance iteration (tianweiy/DMD2,
+  main/train_sd.py), so the discriminator gets ``fake_updates`` updates per generator update.
 - generator: the distribution-matching loss, plus ``gan_weight`` softplus(-D(fake_t)).
 
 Distribution-matching gradient for a generator sample x, t ~ U[t_min, t_max] T, x_t = alpha x + sigma eps:
@@ -15,6 +17,10 @@ Reduction: the mean over batch and elements (DMD2, FastGen), so d loss_dm / dx =
 a sum would give exactly grad. r = p_data / q_theta from the discriminator: r = exp(clamp(logit, -10, 10))
 clipped to [0.1, 20], optionally divided by a running mean per timestep bin. With h = 1 (reverse-KL)
 this is DMD's loss (tested).
+
+The generator's timesteps: the trailing grid of ``steps`` (999 for one step; 999, 749, 499, 249 for four), or
+``timesteps`` as given. DMD2 SDXL conditions its one-step generator at 399 (``--conditioning_timestep 399``):
+the UNet sees pure noise z with timestep 399, and x0 = (z - sqrt(1 - abar_399) eps_hat) / sqrt(abar_399).
 """
 from __future__ import annotations
 
@@ -73,11 +79,13 @@ class FDivergenceLoss(DistillationLoss):
     Args:
         divergence: reverse_kl (DMD), forward_kl, jensen_shannon, squared_hellinger, neyman_chi2, jeffreys, softened.
         guidance: the teacher's CFG weight for the real score (diffusers' convention; SD 1.5 ~1.75).
-        fake_updates, discriminator_updates: updates per generator update (TTUR; DMD2: 10 for SD 1.5, 5 SDXL).
+        fake_updates: fake-score (and discriminator) updates per generator update (TTUR; DMD2: 10 for SD 1.5, 5 SDXL).
         gan_weight: weight of the generator's GAN term (f-distill needs > 0 unless reverse_kl; DMD2 SD1.5 ~1e-3).
         t_min, t_max: fractions of T for the distribution-matching timesteps (0.02, 0.98).
         steps: k generator steps (1: one step at t = T - 1; 4: DMD2's 999, 749, 499, 249, trained by
             backward simulation: inputs come from the student's own sampler).
+        timesteps: the k generator timesteps instead of the trailing grid (DMD2 SDXL one step: [399], its
+            ``conditioning_timestep``); the first step always starts from pure noise. Exported with the model.
         ratio_bins: > 0 divides r by its running mean in that many timestep bins (momentum ``ratio_momentum``).
         regression_weight: weight of an L2 regression of G(noise) onto teacher pairs (data name pairs), a warm-up.
         fake_init: network teachers: "teacher" (a full trainable copy, DMD2) or "teacher_lora" (LoRA adapters on
@@ -87,15 +95,17 @@ class FDivergenceLoss(DistillationLoss):
             skipped).
     """
 
-    phases = ("fake_score", "discriminator", "generator")
+    phases = ("fake_score", "generator")
+    #: a module with its own optimizer settings (``optimizers.discriminator``), a parameter group of fake_score
+    groups = ("discriminator",)
     choices = {"divergence": tuple(WEIGHTINGS), "fake_init": (*FAKE_INITS[True], *FAKE_INITS[False])}
     #: set by ``build`` for ``teacher_lora``: the fake score is the teacher's network with its adapters on
     fake_shares_teacher = False
 
     def __init__(self, *, fake_score: Any = None, discriminator: nn.Module | None = None, divergence: str = "reverse_kl",
-                 guidance: float | None = None, fake_updates: int = 5, discriminator_updates: int = 1,
+                 guidance: float | None = None, fake_updates: int = 5,
                  gan_weight: float = 0.0, t_min: float = 0.02, t_max: float = 0.98, steps: int = 1,
-                 ratio_bins: int = 0, ratio_momentum: float = 0.99, regression_weight: float = 0.0,
+                 timesteps: list[int] | None = None, ratio_bins: int = 0, ratio_momentum: float = 0.99, regression_weight: float = 0.0,
                  sample_shape: tuple[int, ...] | None = None, fake_init: str | None = None, fake_lora_rank: int = 64,
                  fake_lora_targets: list[str] | None = None) -> None:
         super().__init__()
@@ -107,8 +117,12 @@ class FDivergenceLoss(DistillationLoss):
             raise FewstepError("f-divergence distillation needs a fake score network")
         self.fake_score = fake_score
         self.guidance = guidance
-        if fake_updates < 1 or discriminator_updates < 0 or steps < 1:
-            raise FewstepError("fake_updates and steps must be >= 1, discriminator_updates >= 0")
+        if fake_updates < 1 or steps < 1:
+            raise FewstepError("fake_updates and steps must be >= 1")
+        if timesteps is not None and len(timesteps) != steps:
+            raise FewstepError(f"loss.timesteps has {len(timesteps)} values but loss.steps is {steps}; give one "
+                               "timestep per generator step")
+        self.timesteps = None if timesteps is None else [int(t) for t in timesteps]
         if not 0.0 <= t_min < t_max <= 1.0:
             raise FewstepError(f"need 0 <= t_min < t_max <= 1, got {t_min}, {t_max}")
         if gan_weight < 0 or regression_weight < 0:
@@ -121,22 +135,15 @@ class FDivergenceLoss(DistillationLoss):
             raise FewstepError(f"divergence {divergence} needs gan_weight > 0 (f-distill: the GAN term keeps the "
                                "ratio estimate meaningful); only reverse_kl may run without it")
         self.discriminator = discriminator if self.needs_discriminator else None
-        self.fake_updates, self.discriminator_updates = fake_updates, discriminator_updates if self.needs_discriminator else 0
+        self.fake_updates = fake_updates
         self.gan_weight, self.t_min, self.t_max, self.steps = gan_weight, t_min, t_max, steps
         self.regression_weight = regression_weight
         self.needs = ("x0",) if self.needs_discriminator or regression_weight > 0 else ("cond",)
         self.needs_why = (f" for its discriminator (divergence {divergence}, gan_weight {gan_weight}; only reverse_kl "
                           "with gan_weight 0 runs on prompts alone)") if self.needs_discriminator else ""
-        self.phases = self.phases_for(divergence=divergence, gan_weight=gan_weight)
-        self.cycle = ["fake_score"] * fake_updates + ["discriminator"] * self.discriminator_updates + ["generator"]
+        self.cycle = ["fake_score"] * fake_updates + ["generator"]
         self.ratio_bins, self.ratio_momentum = ratio_bins, ratio_momentum
         self.register_buffer("ratio_mean", torch.ones(max(ratio_bins, 1)))
-
-    @classmethod
-    def phases_for(cls, **kwargs: Any) -> tuple[str, ...]:
-        s = cls.settings(**kwargs)
-        needs_discriminator = s["divergence"] != "reverse_kl" or s["gan_weight"] > 0
-        return ("fake_score", "discriminator", "generator") if needs_discriminator else ("fake_score", "generator")
 
     @classmethod
     def build(cls, *, teacher=None, student=None, schedule=None, pipeline=None, **kwargs: Any) -> "FDivergenceLoss":
@@ -146,6 +153,10 @@ class FDivergenceLoss(DistillationLoss):
 
         if teacher is None:
             raise FewstepError("f-divergence distillation needs a teacher (teacher.kind is none)")
+        T = student.schedule.num_train_timesteps
+        bad = [t for t in kwargs.get("timesteps") or [] if not 0 <= int(t) < T]
+        if bad:
+            raise FewstepError(f"loss.timesteps {bad} outside the schedule's 0..{T - 1}")
         has_net = hasattr(teacher, "net")
         init = check_choice(kwargs.get("fake_init") or ("teacher" if has_net else "scratch"),
                             FAKE_INITS[has_net], "fake_init" + ("" if has_net else " (weightless teacher)"))
@@ -197,7 +208,8 @@ class FDivergenceLoss(DistillationLoss):
             super().swap_module(name, module)
 
     def phase_modules(self, phase: str) -> tuple[str, ...]:
-        return {"fake_score": ("fake_score",), "discriminator": ("discriminator",), "generator": ("student",)}[phase]
+        critic = ("fake_score", "discriminator") if self.discriminator is not None else ("fake_score",)
+        return {"fake_score": critic, "generator": ("student",)}[phase]
 
     def phase_for(self, step: int) -> str:
         return self.cycle[step % len(self.cycle)]
@@ -211,8 +223,10 @@ class FDivergenceLoss(DistillationLoss):
         """x = G(z): one step at the top timestep, or k steps with re-noising (backward simulation: the
         first j steps without grad, j ~ U{0..k-1} per sample, then one step with grad)."""
         sch = student.schedule
-        grid = sch.sampling_grid(self.steps, "trailing" if sch.kind == "vp" else None)
-        ts = grid[:-1].to(z.device)  # indexed below by j, which lives on the student's device
+        if self.timesteps is not None:
+            ts = torch.tensor(self.timesteps, dtype=torch.float64, device=z.device)
+        else:  # indexed below by j, which lives on the student's device
+            ts = sch.sampling_grid(self.steps, "trailing" if sch.kind == "vp" else None)[:-1].to(z.device)
         B = z.shape[0]
         if self.steps == 1:
             with torch.set_grad_enabled(grad):
@@ -265,15 +279,15 @@ class FDivergenceLoss(DistillationLoss):
             x_t = student.schedule.add_noise(x, eps, t)
             pred = self.fake_score.native(x_t, t, cond)
             loss = F.mse_loss(pred, self.fake_score.native_target(x, eps, t))
-            return LossOutput(loss, {"loss": loss.detach(), "fake_score_loss": loss.detach()})
-        if phase == "discriminator":
-            x = self.generate(student, z, cond, rng, grad=False).detach()
-            real_t = student.schedule.add_noise(ref.float(), eps, t)
-            fake_t = student.schedule.add_noise(x, eps, t)
-            d_real, d_fake = self._disc(real_t, t, cond), self._disc(fake_t, t, cond)
-            loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
-            acc = 0.5 * ((d_real > 0).float().mean() + (d_fake < 0).float().mean())
-            return LossOutput(loss, {"loss": loss.detach(), "disc_loss": loss.detach(), "disc_accuracy": acc.detach()})
+            logs = {"fake_score_loss": loss.detach()}
+            if self.discriminator is not None:  # DMD2: the classifier trains with the fake score, same samples
+                real_t = student.schedule.add_noise(ref.float(), eps, t)
+                d_real, d_fake = self._disc(real_t, t, cond), self._disc(x_t, t, cond)
+                d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+                loss = loss + d_loss
+                logs.update(disc_loss=d_loss.detach(),
+                            disc_accuracy=0.5 * ((d_real > 0).float().mean() + (d_fake < 0).float().mean()).detach())
+            return LossOutput(loss, {"loss": loss.detach(), **logs})
         # generator
         x = self.generate(student, z, cond, rng, grad=True)
         x_t = student.schedule.add_noise(x, eps, t)
@@ -303,6 +317,9 @@ class FDivergenceLoss(DistillationLoss):
             logs["regression"] = reg.detach()
         logs["loss"] = loss.detach()
         return LossOutput(loss, logs)
+
+    def sampler_settings(self) -> dict[str, Any]:
+        return {} if self.timesteps is None else {"timesteps": list(self.timesteps)}
 
     # ------------------------------------------------------------------ state
     def extra_state(self) -> dict[str, Tensor]:
