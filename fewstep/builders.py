@@ -111,6 +111,7 @@ def check_recipe(recipe: Recipe) -> None:
     for key, valid in getattr(cls, "choices", {}).items():
         if key in loss_kw:
             check_choice(loss_kw[key], valid, key)
+    cls.check(**loss_kw)
     if not recipe.data:
         raise FewstepError("missing section data (with data.name)")
     name, kw = _split(recipe.data)

@@ -406,9 +406,29 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise FewstepError(f"{path} is not valid YAML{where}") from None
-    recipe = validate(apply_overrides(raw, overrides or []))
+    base, staged = split_stage_overrides(overrides or [])
+    recipe = validate(apply_overrides(raw, base))
+    names = [str(st.get("name")) for st in recipe.stages]
+    for text in staged:
+        parts, _ = parse_override(text)
+        if len(parts) < 3 or parts[1] not in names:
+            raise FewstepError(f"override {text!r}: stages.NAME.KEY=VALUE needs one of this recipe's stages as NAME; "
+                               f"valid: {', '.join(names) or 'none (the recipe has no stages)'}")
     recipe.overrides = list(overrides or [])
     return recipe
+
+
+def split_stage_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(overrides of the base recipe, ``stages.NAME.KEY=VALUE`` overrides of one stage, applied over its keys)."""
+    staged = [o for o in overrides if o.split("=", 1)[0].strip().startswith("stages.")]
+    return [o for o in overrides if o not in staged], staged
+
+
+def stage_override(text: str) -> tuple[str, str]:
+    """``stages.NAME.KEY=VALUE`` -> (NAME, ``KEY=VALUE``)."""
+    key, value = text.split("=", 1)
+    _, name, rest = key.strip().split(".", 2)
+    return name, f"{rest}={value}"
 
 
 def differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

@@ -30,12 +30,14 @@ def has_lora(net: nn.Module) -> bool:
 
 def save_pipeline_lora(pipeline, net: nn.Module, directory: Path, adapter_name: str = "default") -> Path:
     """Write ``net``'s adapter ``adapter_name`` as ``directory/pytorch_lora_weights.safetensors``."""
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     key = DENOISER_KEY[pipeline.family]
-    state = get_peft_model_state_dict(net, adapter_name=adapter_name)
-    state = convert_state_dict_to_diffusers({k: v.detach().float().contiguous().cpu() for k, v in state.items()})
+    # peft's key names, as diffusers' own LoRA scripts save them (train_lcm_distill_lora_sd_wds.py):
+    # convert_state_dict_to_diffusers renames only the attention layers (to_q.lora.down), and a file that mixes
+    # both namings loads in diffusers without its attention adapters (48 of 108 targets lost, silently)
+    state = {k: v.detach().float().contiguous().cpu()
+             for k, v in get_peft_model_state_dict(net, adapter_name=adapter_name).items()}
     metadata = net.peft_config[adapter_name].to_dict()
     type(pipeline.pipe).save_lora_weights(directory, **{f"{key}_lora_layers": state,
                                                         f"{key}_lora_adapter_metadata": metadata},
@@ -58,20 +60,39 @@ def load_lora(pipe, path: str | Path) -> None:
     """``pipe.load_lora_weights(path)``, refusing any key diffusers leaves unloaded (one clear line)."""
     from diffusers.utils import logging as dlog
 
+    import warnings
+
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
     handler = _Collect()
     loggers = [dlog.get_logger("diffusers"), logging.getLogger("peft")]
     for lg in loggers:
         lg.addHandler(handler)
+    path = Path(path)
+    file = path if path.is_file() else path / LORA_WEIGHTS
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    before = set(getattr(denoiser, "peft_config", {}) or {})
     try:
-        path = Path(path)
-        pipe.load_lora_weights(str(path.parent if path.is_file() else path),
-                               weight_name=path.name if path.is_file() else LORA_WEIGHTS)
+        with warnings.catch_warnings(record=True) as caught:  # peft reports targets it left out as a warning
+            warnings.simplefilter("always")
+            pipe.load_lora_weights(str(file.parent), weight_name=file.name)
     finally:
         for lg in loggers:
             lg.removeHandler(handler)
-    bad = [m for m in handler.messages if "not" in m.lower() and ("key" in m.lower() or "load" in m.lower())]
+    messages = handler.messages + [str(w.message) for w in caught]
+    bad = [m for m in messages if ("not" in m.lower() and ("key" in m.lower() or "load" in m.lower()))
+           or "inconsistency" in m.lower()]
     if bad:
-        raise FewstepError(f"LoRA {path} did not load cleanly: {bad[0].strip().splitlines()[0]}")
+        raise FewstepError(f"LoRA {path} did not load cleanly: {bad[0].strip().splitlines()[0][:300]}")
+    prefix = "unet." if denoiser is getattr(pipe, "unet", None) else "transformer."
+    with safe_open(str(file), "pt") as f:
+        expected = sum(1 for k in f.keys() if k.startswith(prefix))
+    added = [a for a in (getattr(denoiser, "peft_config", {}) or {}) if a not in before]
+    loaded = sum(len(get_peft_model_state_dict(denoiser, adapter_name=a)) for a in added)
+    if loaded != expected:
+        raise FewstepError(f"LoRA {path} did not load cleanly: {loaded} of its {expected} {prefix[:-1]} tensors reached "
+                           "the network")
 
 
 def merged_network(net: nn.Module) -> nn.Module:

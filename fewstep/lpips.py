@@ -74,14 +74,20 @@ def default_path() -> Path:
     return Path(os.environ.get("FEWSTEP_WEIGHTS_DIR", Path.home() / ".cache" / "fewstep")) / FILE_NAME
 
 
-def load_lpips(path: str | Path | None = None) -> LPIPS:
-    """LPIPS with weights from ``path`` (default: $FEWSTEP_WEIGHTS_DIR/lpips_vgg.safetensors)."""
-    from safetensors.torch import load_file
-
+def check_weights(path: str | Path | None = None) -> Path:
+    """The weights file ``path`` (default: $FEWSTEP_WEIGHTS_DIR/lpips_vgg.safetensors), refused if absent."""
     path = Path(path) if path else default_path()
     if not path.is_file():
         raise FewstepError(f"LPIPS weights {path} not found; convert them with `python -m fewstep.lpips VGG16_PTH "
                            f"LPIPS_VGG_PTH {path}` (or set loss.lpips_weights / FEWSTEP_WEIGHTS_DIR)")
+    return path
+
+
+def load_lpips(path: str | Path | None = None) -> LPIPS:
+    """LPIPS with weights from ``path`` (default: $FEWSTEP_WEIGHTS_DIR/lpips_vgg.safetensors)."""
+    from safetensors.torch import load_file
+
+    path = check_weights(path)
     model = LPIPS()
     state = load_file(str(path))
     missing, unexpected = model.load_state_dict(state, strict=False)

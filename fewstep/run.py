@@ -17,7 +17,8 @@ import yaml
 
 import torch
 
-from .config import RUN_LENGTH_KEYS, Recipe, apply_overrides, load_recipe, parse_override, same_run, validate
+from .config import (RUN_LENGTH_KEYS, Recipe, apply_overrides, load_recipe, parse_override, same_run,
+                     split_stage_overrides, stage_override, validate)
 from .errors import FewstepError
 from .io import write_text_atomic
 from .loop import Loop, LoopResult
@@ -158,10 +159,12 @@ def stage_recipes(recipe: Recipe) -> list[tuple[str, str, Recipe]]:
     Kinds: ``distill`` (the default) and ``pairs`` merge the stage's keys into the base recipe;
     ``recipe`` runs another recipe (``recipe: NAME``) with the stage's other keys merged into it.
     Command-line overrides change the base recipe (so a stage's own keys win over them), except
-    run-length keys (``train.max_steps``, ``train.resume``, ...), which apply to every stage.
+    run-length keys (``train.max_steps``, ``train.resume``, ...), which apply to every stage, and
+    ``stages.NAME.KEY=VALUE``, which applies to stage NAME over its own keys.
     """
     base = {k: v for k, v in recipe.raw.items() if k != "stages"}
-    run_length = [o for o in recipe.overrides if ".".join(parse_override(o)[0]) in RUN_LENGTH_KEYS]
+    plain, staged = split_stage_overrides(recipe.overrides)
+    run_length = [o for o in plain if ".".join(parse_override(o)[0]) in RUN_LENGTH_KEYS]
     out = []
     for stage in recipe.stages:
         stage = dict(stage)
@@ -178,7 +181,7 @@ def stage_recipes(recipe: Recipe) -> list[tuple[str, str, Recipe]]:
             raw = merge_stage({k: v for k, v in other.raw.items() if k != "stages"}, stage)
         else:
             raw = merge_stage(base, stage)
-        raw = apply_overrides(raw, run_length)
+        raw = apply_overrides(raw, run_length + [o for n, o in map(stage_override, staged) if n == name])
         raw.setdefault("train", {})
         raw["train"] = {**raw["train"], "output_dir": str(Path(recipe.train.output_dir) / name)}
         raw["name"] = f"{recipe.name}/{name}"

@@ -6,11 +6,12 @@ from .consistency import ConsistencyDistillationLoss
 from .diffusion import DiffusionLoss
 from .fdivergence import FDivergenceLoss
 from .flow_distill import FlowDistillLoss
+from .ode_regression import ODERegressionLoss
 from .reflow import ReflowLoss
 
 LOSSES: dict[str, type[DistillationLoss]] = {
     "diffusion": DiffusionLoss, "classifier": ClassifierLoss, "reflow": ReflowLoss, "flow_distill": FlowDistillLoss,
-    "consistency": ConsistencyDistillationLoss, "fdistill": FDivergenceLoss,
+    "consistency": ConsistencyDistillationLoss, "fdistill": FDivergenceLoss, "ode_regression": ODERegressionLoss,
 }
 
 
@@ -19,5 +20,6 @@ def loss_class(name: str) -> type[DistillationLoss]:
     return lookup(LOSSES, name, "loss")
 
 
-__all__ = ["ClassifierLoss", "ConsistencyDistillationLoss", "DiffusionLoss", "DistillationLoss", "FDivergenceLoss", "FlowDistillLoss", "LOSSES", "LossOutput", "ReflowLoss",
+__all__ = ["ClassifierLoss", "ConsistencyDistillationLoss", "DiffusionLoss", "DistillationLoss", "FDivergenceLoss", "FlowDistillLoss", "LOSSES", "LossOutput",
+           "ODERegressionLoss", "ReflowLoss",
            "loss_class"]

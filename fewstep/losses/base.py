@@ -49,6 +49,11 @@ class DistillationLoss(nn.Module):
         return {**{n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}, **kwargs}
 
     @classmethod
+    def check(cls, **kwargs: Any) -> None:
+        """Checks of settings that need no model or data (files the loss will read), run with the recipe, so a
+        later stage's missing file is reported before the first stage starts."""
+
+    @classmethod
     def phases_for(cls, **kwargs: Any) -> tuple[str, ...]:
         """The phases a loss built with these keyword arguments runs (what ``optimizers.PHASE`` may name)."""
         return cls.phases

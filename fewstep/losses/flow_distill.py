@@ -10,12 +10,10 @@ from typing import Any
 
 import torch
 
-from ..errors import FewstepError, check_choice
+from ..errors import FewstepError
 from .base import DistillationLoss, LossOutput
-from .distances import DISTANCES
+from .distances import PAIR_DISTANCES, PairDistance
 from .reflow import check_flow_student
-
-DISTANCE_NAMES = (*DISTANCES, "lpips")
 
 
 def euler_flow(student, z: torch.Tensor, grid: torch.Tensor, cond) -> torch.Tensor:
@@ -38,7 +36,7 @@ class FlowDistillLoss(DistillationLoss):
         decode: compare images decoded by the pipeline's VAE (differentiably) instead of latents.
     """
 
-    choices = {"distance": DISTANCE_NAMES}
+    choices = {"distance": PAIR_DISTANCES}
 
     needs = ("x0", "noise")
 
@@ -47,16 +45,13 @@ class FlowDistillLoss(DistillationLoss):
         super().__init__()
         if steps < 1:
             raise FewstepError(f"steps must be at least 1, got {steps}")
-        self.steps, self.huber_c = steps, huber_c
-        self.distance = check_choice(distance, DISTANCE_NAMES, "distance")
-        self.lpips = None
-        if distance == "lpips":
-            from ..lpips import load_lpips
+        self.steps = steps
+        self.distance = PairDistance(distance, huber_c=huber_c, lpips_weights=lpips_weights, decode=decode,
+                                     decoder=decoder)
 
-            self.lpips = load_lpips(lpips_weights)
-        if decode and decoder is None:
-            raise FewstepError("decode=true needs a latent model with a VAE (a pipeline student or teacher)")
-        self.decoder = decoder if decode else None
+    @classmethod
+    def check(cls, **kwargs: Any) -> None:
+        PairDistance.check(**kwargs)
 
     @classmethod
     def build(cls, *, teacher=None, student=None, schedule=None, pipeline=None, **kwargs: Any) -> "FlowDistillLoss":
@@ -68,14 +63,5 @@ class FlowDistillLoss(DistillationLoss):
         x1, z = batch["x0"].float(), batch["noise"].float()
         cond = {k: batch[k] for k in student.cond_keys if k in batch}
         grid = student.schedule.sampling_grid(self.steps)
-        x1_hat = euler_flow(student, z, grid, cond or None)
-        if self.decoder is not None:
-            x1_hat = self.decoder(x1_hat)
-            with torch.no_grad():
-                x1 = self.decoder(x1)
-        if self.lpips is not None:
-            per_sample = self.lpips.to(x1.device)(x1_hat, x1)
-        else:
-            per_sample = DISTANCES[self.distance](x1_hat, x1, self.huber_c)
-        loss = per_sample.mean()
+        loss = self.distance(euler_flow(student, z, grid, cond or None), x1).mean()
         return LossOutput(loss, {"loss": loss.detach()})
