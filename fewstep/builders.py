@@ -430,6 +430,13 @@ def build(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None) -> Bu
     name, kw = _split(recipe.loss)
     cls = loss_class(name)
     kw = check_kwargs(cls, kw, "loss", skip=LOSS_INJECTED)
+    if isinstance(kw.get("fake_from"), str) and kw["fake_from"].startswith("stage:"):
+        from .checkpoint import latest_intact
+
+        ckpt = latest_intact(Path(_resolve(kw["fake_from"], stage_outputs or {}, "checkpoints")), report=lambda m: None)
+        if ckpt is None:
+            raise FewstepError(f"loss.fake_from: {kw['fake_from']} has no intact checkpoint")
+        kw["fake_from"] = str(ckpt)
     if hasattr(cls, "build"):
         if "sample_shape" in inspect.signature(cls.__init__).parameters:
             kw["sample_shape"] = _sample_shape(student)

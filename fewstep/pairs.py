@@ -100,10 +100,13 @@ def generate_pairs(
     directory.mkdir(parents=True, exist_ok=True)
     manifest = {"num": num, "shard_size": shard_size, "solver": solver, "steps": steps, "guidance": guidance,
                 "spacing": spacing, "seed": seed, "shape": list(shape), "teacher": teacher_name,
-                "num_shards": -(-num // shard_size), "format": 1}
+                "num_shards": -(-num // shard_size), "format": 2}  # format 2: the ODE ends at sigma = 0
     _check_manifest(directory, manifest)
     if rank == 0 and not (directory / MANIFEST).exists():
         write_json_atomic(manifest, directory / MANIFEST)
+    # the ODE is solved to sigma = 0: x1 is the teacher's sample, without the 0.029 of noise SD 1.5's DDIM config
+    # (set_alpha_to_one false) would leave; diffusers' DPM-Solver ends there too (final_sigmas_type "zero")
+    teacher = teacher.with_schedule(teacher.schedule.with_clean_end())
     grid = teacher.schedule.sampling_grid(steps, spacing)
     todo = [k for k in range(rank, manifest["num_shards"], world_size) if not shard_ok(directory / shard_name(k))]
     written: list[Path] = []

@@ -120,6 +120,10 @@ class Schedule:
         """(c, r) with y = x / c the ODE state and r the ODE's independent variable."""
         raise NotImplementedError
 
+    def with_clean_end(self) -> "Schedule":
+        """This schedule with its clean end at sigma = 0 exactly (it already is, unless a VP table says otherwise)."""
+        return self
+
     def ode_derivative(self, x0: Tensor, eps: Tensor) -> Tensor:
         """dy/dr for the (x0, eps) the denoiser predicts."""
         raise NotImplementedError
@@ -198,6 +202,15 @@ class VPSchedule(Schedule):
         else:
             ts = np.linspace(0, T - 1, num_steps).round()[::-1]
         return torch.tensor(ts.copy(), dtype=torch.float64)
+
+    def with_clean_end(self) -> "VPSchedule":
+        """A copy whose clean end (t < 0) has alphabar 1, sigma 0: where an ODE solve to the data ends (diffusers'
+        DPM-Solver, final_sigmas_type "zero"), not alphabar_0 (set_alpha_to_one false: sigma 0.029 for SD 1.5)."""
+        import copy
+
+        other = copy.copy(self)
+        other.final_alpha_cumprod = 1.0
+        return other
 
     def ode_coords(self, t: Tensor | float, like: Tensor) -> tuple[Tensor, Tensor]:
         alpha, sigma = self.coefficients(t, like)

@@ -218,3 +218,39 @@ def test_flow_distill_decode_compares_decoded_images():
     assert all(p.grad is not None for p in student.net.parameters())
     with pytest.raises(FewstepError, match="decode=true needs a latent model"):
         FlowDistillLoss(decode=True)
+
+
+def test_sd_pairs_end_at_sigma_zero_as_diffusers_dpm_solver(tmp_path, tiny_dirs):
+    """SD 1.5's scheduler config has set_alpha_to_one false, so its DDIM clean end keeps sigma = 0.029 of noise.
+    Teacher pairs solve the ODE to the data: DPM-Solver++(2M), 4 trailing steps (999 ... 249, then sigma 0),
+    guidance 1.5, equal plain diffusers' StableDiffusionPipeline with DPMSolverMultistepScheduler
+    (final_sigmas_type "zero") from the same noise."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from fewstep.run import pairs_dir, run_pairs
+
+    recipe = _sd_reflow_recipe(tmp_path, tiny_dirs["sd"], pairs={"num": 2, "shard_size": 2, "batch_size": 2,
+                                                                 "solver": "dpmpp_2m", "steps": 4, "guidance": 1.5,
+                                                                 "spacing": "trailing"})
+    run_pairs(recipe, progress=False, log=lambda m: None)
+    shard = load_file(str(next(pairs_dir(tmp_path / "run").glob("*.safetensors"))))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dirs["sd"])
+    assert pipe.scheduler.config.set_alpha_to_one is False
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
+                                                             algorithm_type="dpmsolver++", solver_order=2,
+                                                             final_sigmas_type="zero")
+    pipe.set_progress_bar_config(disable=True)
+    prompts = shard_prompts(recipe, shard)
+    theirs = pipe(prompts, num_inference_steps=4, guidance_scale=1.5, latents=shard["noise"],
+                  output_type="latent").images
+    assert pipe.scheduler.timesteps.tolist() == [999, 749, 499, 249]
+    torch.testing.assert_close(shard["x0"], theirs, atol=1e-4, rtol=1e-4)
+
+
+def shard_prompts(recipe, shard):
+    """The prompts of a shard's indices: data item i mod len(data), as pairs take them."""
+    from fewstep.builders import build_data
+
+    data = build_data(recipe)
+    return [data[int(i) % len(data)]["prompt"] for i in shard["index"]]

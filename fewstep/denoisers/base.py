@@ -157,6 +157,14 @@ class Denoiser(nn.Module):
         alpha, sigma = self.schedule.coefficients(t, x_t)
         return x0_eps_from_native(native, x_t, alpha, sigma, self.prediction_type)
 
+    def with_schedule(self, schedule: Schedule) -> "Denoiser":
+        """This denoiser, its network shared, under another schedule (a shallow copy)."""
+        import copy
+
+        other = copy.copy(self)
+        other.schedule = schedule
+        return other
+
     def forward(
         self,
         x_t: Tensor,

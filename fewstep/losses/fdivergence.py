@@ -73,6 +73,28 @@ def dm_loss(x: Tensor, x0_real: Tensor, x0_fake: Tensor, h: Tensor | None = None
     return 0.5 * F.mse_loss(x.float(), target), grad
 
 
+def load_fake_score(net: nn.Module, checkpoint: str) -> None:
+    """Load a checkpoint's ``module.fake_score.safetensors`` (its trainable weights and buffers) into ``net``."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    file = Path(checkpoint) / "module.fake_score.safetensors"
+    if not file.is_file():
+        raise FewstepError(f"loss.fake_from: {file} not found (a checkpoint of an f-distill run holds it)")
+    state = load_file(str(file))
+    own = dict(net.named_parameters()) | dict(net.named_buffers())
+    unknown = [k for k in state if k not in own]
+    if unknown:
+        raise FewstepError(f"loss.fake_from: {file} is not a fake score of this network (e.g. {unknown[0]!r})")
+    with torch.no_grad():
+        for k, v in state.items():
+            if own[k].shape != v.shape:
+                raise FewstepError(f"loss.fake_from: {k} has shape {tuple(v.shape)} in {file}, "
+                                   f"{tuple(own[k].shape)} here")
+            own[k].copy_(v)
+
+
 class FDivergenceLoss(DistillationLoss):
     """f-distill / DMD2 for one-step (or k-step, backward-simulated) generators.
 
@@ -93,6 +115,9 @@ class FDivergenceLoss(DistillationLoss):
             "scratch" or a copy of the "student" (which starts as a trained denoiser).
         fake_lora_rank, fake_lora_targets: the adapters of ``teacher_lora`` (targets absent from the network are
             skipped).
+        fake_from: ``stage:NAME`` (that stage's newest checkpoint) or a checkpoint directory: its fake score's
+            weights replace the fresh ``fake_init`` copy, so a stage that continues an f-distill run keeps the
+            fake score it trained (DMD2's GAN stage resumes generator and fake UNet from the matching run).
     """
 
     phases = ("fake_score", "generator")
@@ -107,7 +132,7 @@ class FDivergenceLoss(DistillationLoss):
                  gan_weight: float = 0.0, t_min: float = 0.02, t_max: float = 0.98, steps: int = 1,
                  timesteps: list[int] | None = None, ratio_bins: int = 0, ratio_momentum: float = 0.99, regression_weight: float = 0.0,
                  sample_shape: tuple[int, ...] | None = None, fake_init: str | None = None, fake_lora_rank: int = 64,
-                 fake_lora_targets: list[str] | None = None) -> None:
+                 fake_lora_targets: list[str] | None = None, fake_from: str | None = None) -> None:
         super().__init__()
         self.fake_lora_rank = fake_lora_rank  # read by `--dry-run`
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
@@ -182,6 +207,8 @@ class FDivergenceLoss(DistillationLoss):
                     if hasattr(m, "reset_parameters"):
                         m.reset_parameters()
             fake.requires_grad_(True)
+        if kwargs.get("fake_from"):
+            load_fake_score(fake.net, kwargs["fake_from"])
         disc = None
         if kwargs.get("divergence", "reverse_kl") != "reverse_kl" or kwargs.get("gan_weight", 0.0) > 0:
             if hasattr(teacher, "net") and hasattr(teacher.net, "mid_block"):

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from ..errors import FewstepError
-from .base import DistillationLoss, LossOutput
-from .distances import PAIR_DISTANCES, PairDistance
+from .base import LossOutput
+from .pair_loss import PairLoss
 from .reflow import check_flow_student
 
 
@@ -26,7 +26,7 @@ def euler_flow(student, z: torch.Tensor, grid: torch.Tensor, cond) -> torch.Tens
     return x
 
 
-class FlowDistillLoss(DistillationLoss):
+class FlowDistillLoss(PairLoss):
     """d(Euler_k(u_theta, z, c), x1) over pairs (z, x1, c).
 
     Args:
@@ -36,27 +36,12 @@ class FlowDistillLoss(DistillationLoss):
         decode: compare images decoded by the pipeline's VAE (differentiably) instead of latents.
     """
 
-    choices = {"distance": PAIR_DISTANCES}
-
-    needs = ("x0", "noise")
-
     def __init__(self, *, steps: int = 1, distance: str = "l2", huber_c: float = 0.001, lpips_weights: str | None = None,
                  decode: bool = False, decoder: Any = None) -> None:
-        super().__init__()
+        super().__init__(distance=distance, huber_c=huber_c, lpips_weights=lpips_weights, decode=decode, decoder=decoder)
         if steps < 1:
             raise FewstepError(f"steps must be at least 1, got {steps}")
         self.steps = steps
-        self.distance = PairDistance(distance, huber_c=huber_c, lpips_weights=lpips_weights, decode=decode,
-                                     decoder=decoder)
-
-    @classmethod
-    def check(cls, **kwargs: Any) -> None:
-        PairDistance.check(**kwargs)
-
-    @classmethod
-    def build(cls, *, teacher=None, student=None, schedule=None, pipeline=None, **kwargs: Any) -> "FlowDistillLoss":
-        decoder = pipeline.decode_latents if pipeline is not None else None
-        return cls(decoder=decoder, **kwargs)
 
     def forward(self, phase, batch, student, teacher):
         check_flow_student(student, "flow_distill")

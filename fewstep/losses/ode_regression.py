@@ -14,11 +14,11 @@ from typing import Any
 import torch
 
 from ..errors import FewstepError
-from .base import DistillationLoss, LossOutput
-from .distances import PAIR_DISTANCES, PairDistance
+from .base import LossOutput
+from .pair_loss import PairLoss
 
 
-class ODERegressionLoss(DistillationLoss):
+class ODERegressionLoss(PairLoss):
     """d(G(z, t_c, c), x1) over teacher pairs (z, x1, c).
 
     Args:
@@ -27,19 +27,10 @@ class ODERegressionLoss(DistillationLoss):
         decode: compare images decoded by the pipeline's VAE (DMD2 decodes both for LPIPS).
     """
 
-    choices = {"distance": PAIR_DISTANCES}
-    needs = ("x0", "noise")
-
     def __init__(self, *, timestep: int | None = None, distance: str = "l2", huber_c: float = 0.001,
                  lpips_weights: str | None = None, decode: bool = False, decoder: Any = None) -> None:
-        super().__init__()
+        super().__init__(distance=distance, huber_c=huber_c, lpips_weights=lpips_weights, decode=decode, decoder=decoder)
         self.timestep = None if timestep is None else int(timestep)
-        self.distance = PairDistance(distance, huber_c=huber_c, lpips_weights=lpips_weights, decode=decode,
-                                     decoder=decoder)
-
-    @classmethod
-    def check(cls, **kwargs: Any) -> None:
-        PairDistance.check(**kwargs)
 
     @classmethod
     def build(cls, *, teacher=None, student=None, schedule=None, pipeline=None, **kwargs: Any) -> "ODERegressionLoss":
@@ -50,7 +41,7 @@ class ODERegressionLoss(DistillationLoss):
         if student.schedule.kind != "vp":
             raise FewstepError("ode_regression trains a VP generator at one timestep; a flow student uses "
                                "flow_distill (Euler steps of its velocity)")
-        return cls(decoder=pipeline.decode_latents if pipeline is not None else None, **kwargs)
+        return super().build(pipeline=pipeline, **kwargs)
 
     def t_c(self, student) -> int:
         return self.timestep if self.timestep is not None else student.schedule.num_train_timesteps - 1
