@@ -14,11 +14,20 @@ SMOKE = ["train.max_steps=2", "train.batch_size=4", "train.progress=false", "tra
 
 
 def smoke_args(name: str, out, tiny_dirs: dict, captioned_dir) -> list[str]:
-    """``distill NAME`` with SMOKE sizes, against the tiny pipeline of the recipe's family when it has one."""
+    """``distill NAME`` with SMOKE sizes, against the tiny pipeline of the recipe's family when it has one: real
+    captioned images at the tiny pipelines' size for every stage that reads images, random LPIPS weights for
+    every stage that compares with LPIPS."""
+    from fewstep.testing.tiny import save_random_lpips
+
     family = next((f for prefix, f in TINY_FAMILY.items() if name.startswith(prefix)), None)
     tiny = [f"teacher.path={tiny_dirs[family]}"] if family else []
-    if family and load_recipe(name).data.get("name") == "images":  # real captioned images at the tiny pipelines' size
-        tiny += [f"data.root={captioned_dir}", f"data.resolution={TINY_RESOLUTION}"]
+    recipe = load_recipe(name)
+    sections = [("", recipe.raw)] + [(f"stages.{st['name']}.", st) for st in recipe.stages]
+    for prefix, section in sections:
+        if family and (section.get("data") or {}).get("name") == "images":
+            tiny += [f"{prefix}data.root={captioned_dir}", f"{prefix}data.resolution={TINY_RESOLUTION}"]
+        if (section.get("loss") or {}).get("distance") == "lpips":
+            tiny.append(f"{prefix}loss.lpips_weights={save_random_lpips(captioned_dir.parent / 'lpips_vgg.safetensors')}")
     return ["distill", name, f"train.output_dir={out}", *SMOKE, *tiny]
 
 

@@ -133,3 +133,21 @@ def save_captioned_digits(path: str | Path, num: int = 16, resolution: int = TIN
         Image.fromarray(img).convert("RGB").resize((resolution, resolution), Image.NEAREST).save(path / f"{i:04d}.png")
         (path / f"{i:04d}.txt").write_text(f"a handwritten digit {d.target[i]}")
     return path
+
+
+def save_random_lpips(path: Path, seed: int = 0) -> Path:
+    """LPIPS-VGG with random weights (linear layers non-negative, as LPIPS' are) as a safetensors file: it lets
+    recipes with ``distance: lpips`` run offline in tests; its numbers mean nothing."""
+    from safetensors.torch import save_file
+
+    from ..lpips import LPIPS
+
+    path = Path(path)
+    if not path.is_file():
+        torch.manual_seed(seed)
+        m = LPIPS()
+        for lin in m.lins:
+            lin.weight.data = lin.weight.data.abs()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))
+    return path
