@@ -198,3 +198,47 @@ def test_lora_on_a_lora_student_chains_base_loras(tmp_path, tiny_dirs, captioned
     pipe.load_lora_weights(final)
     pipe.scheduler = diffusers.LCMScheduler.from_pretrained(final / "scheduler")
     assert torch.allclose(_one_step(pipe), ours, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sd15_lcm_lora", "sd15_fdistill_lora", "sdxl_lcm_lora"])
+def test_plain_diffusers_loads_every_adapter_of_the_recipes_lora_targets(name, tmp_path, tiny_dirs, captioned_dir):
+    """The recipe's targets (attention, feed-forward, resnet convs and shortcuts, down/upsamplers, time embedding)
+    all reach plain diffusers' network: as many LoRA tensors as were trained, and (SD) the same UNet output as the
+    trained network. A file with diffusers-renamed attention keys loaded 120 of 216 (peft warned, nothing failed)."""
+    import diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    from fewstep.builders import build
+    from fewstep.config import load_recipe
+    from fewstep.testing.recipes import family_of, standin_overrides
+    from fewstep.testing.tiny import TINY_RESOLUTION
+
+    over = standin_overrides(name, pipelines=tiny_dirs, images=captioned_dir, resolution=TINY_RESOLUTION,
+                             lpips_weights=None)
+    recipe = load_recipe(name, over + [f"train.output_dir={tmp_path / 'run'}", "train.mixed_precision='no'",
+                                       "train.teacher_dtype=float32", "train.gradient_checkpointing=false"])
+    b = build(recipe)
+    net = b.student.denoiser.net
+    torch.manual_seed(0)
+    for n, p in net.named_parameters():
+        if "lora_B" in n:  # zero at init: give every adapter an effect
+            p.data.normal_(std=0.02)
+    trained = get_peft_model_state_dict(net)
+    b.export(b.student.denoiser, tmp_path / "final")
+    cls = {"sd": diffusers.StableDiffusionPipeline, "sdxl": diffusers.StableDiffusionXLPipeline}[family_of(name)]
+    pipe = cls.from_pretrained(tiny_dirs[family_of(name)])
+    pipe.load_lora_weights(tmp_path / "final")
+    adapter = list(pipe.unet.peft_config)[-1]
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name=adapter)
+    assert len(loaded) == len(trained) > 0
+    assert {k.split(".lora_")[0] for k in loaded} == {k.split(".lora_")[0] for k in trained}
+    if family_of(name) == "sd":
+        x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+        text = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            ours = net(x, 500, encoder_hidden_states=text).sample
+            theirs = pipe.unet(x, 500, encoder_hidden_states=text).sample
+            base = diffusers.UNet2DConditionModel.from_pretrained(tiny_dirs["sd"], subfolder="unet")(
+                x, 500, encoder_hidden_states=text).sample
+        assert (ours - base).abs().max() > 1e-3  # the adapters change the output, so the comparison can fail
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)

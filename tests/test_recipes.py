@@ -7,8 +7,6 @@ from fewstep.config import available_recipes, load_recipe
 from fewstep.testing.tiny import TINY_RESOLUTION
 
 
-#: recipes whose teacher is a hub pipeline run against the tiny local pipeline of the same family
-TINY_FAMILY = {"sd15_": "sd", "sdxl_": "sdxl", "sd3_": "sd3"}
 SMOKE = ["train.max_steps=2", "train.batch_size=4", "train.progress=false", "train.sample_every=0", "sample.num=2",
          "sample.steps=2", "pairs.num=8", "pairs.shard_size=4", "pairs.batch_size=4", "pairs.steps=2"]
 
@@ -17,17 +15,11 @@ def smoke_args(name: str, out, tiny_dirs: dict, captioned_dir) -> list[str]:
     """``distill NAME`` with SMOKE sizes, against the tiny pipeline of the recipe's family when it has one: real
     captioned images at the tiny pipelines' size for every stage that reads images, random LPIPS weights for
     every stage that compares with LPIPS."""
+    from fewstep.testing.recipes import standin_overrides
     from fewstep.testing.tiny import save_random_lpips
 
-    family = next((f for prefix, f in TINY_FAMILY.items() if name.startswith(prefix)), None)
-    tiny = [f"teacher.path={tiny_dirs[family]}"] if family else []
-    recipe = load_recipe(name)
-    sections = [("", recipe.raw)] + [(f"stages.{st['name']}.", st) for st in recipe.stages]
-    for prefix, section in sections:
-        if family and (section.get("data") or {}).get("name") == "images":
-            tiny += [f"{prefix}data.root={captioned_dir}", f"{prefix}data.resolution={TINY_RESOLUTION}"]
-        if (section.get("loss") or {}).get("distance") == "lpips":
-            tiny.append(f"{prefix}loss.lpips_weights={save_random_lpips(captioned_dir.parent / 'lpips_vgg.safetensors')}")
+    tiny = standin_overrides(name, pipelines=tiny_dirs, images=captioned_dir, resolution=TINY_RESOLUTION,
+                             lpips_weights=save_random_lpips(captioned_dir.parent / "lpips_vgg.safetensors"))
     return ["distill", name, f"train.output_dir={out}", *SMOKE, *tiny]
 
 

@@ -1,0 +1,262 @@
+"""GPU rehearsal: every SD recipe (sd15_*, sdxl_*, sd3_*; DMD at 1 and 4 generator steps) trains a few steps at the
+published architecture sizes, and each stage reports its step time per phase and its peak CUDA memory.
+
+    python benchmarks/gpu_rehearsal.py [--budget 280] [--guard 30] [--recipes sd15_dmd,...] [--out report.json]
+
+With CUDA: pipelines with random weights are built on the GPU from the configs below (SD 1.5, SDXL base, SD3
+medium without its T5 encoder: no tokenizer files offline, and diffusers runs SD3 with zeros in its place), saved
+in float16 under /dev/shm, and every recipe runs against them with its own batch, dtypes and resolution. Without
+CUDA (or with --tiny): the same code on the test suite's tiny pipelines at batch 2, to check the script.
+
+Each stage: pairs stages make one batch of pairs with the recipe's solver and steps (pairs/s); training stages
+build the recipe's loop and time ``train_step`` until every phase has run twice (its first step, which warms up
+kernels and allocators, is not counted) or the stage's guard runs out. Nothing is checkpointed or exported: a stage
+whose student is an earlier stage's model starts from the teacher instead (same architecture). The whole run
+stops starting stages when --budget seconds are spent, and says which it left out.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SD15_UNET = {"sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+             "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768, "attention_head_dim": 8,
+             "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+             "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3}
+SDXL_UNET = {"sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+             "block_out_channels": [320, 640, 1280], "transformer_layers_per_block": [1, 2, 10],
+             "attention_head_dim": [5, 10, 20], "cross_attention_dim": 2048, "use_linear_projection": True,
+             "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+             "projection_class_embeddings_input_dim": 2816,
+             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}
+SD3_TRANSFORMER = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+                   "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
+                   "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 192}
+VAE = {"in_channels": 3, "out_channels": 3, "layers_per_block": 2, "block_out_channels": [128, 256, 512, 512],
+       "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
+VAE_BY_FAMILY = {"sd": {"latent_channels": 4, "sample_size": 512, "scaling_factor": 0.18215},
+                 "sdxl": {"latent_channels": 4, "sample_size": 1024, "scaling_factor": 0.13025},
+                 "sd3": {"latent_channels": 16, "sample_size": 1024, "scaling_factor": 1.5305, "shift_factor": 0.0609,
+                         "use_quant_conv": False, "use_post_quant_conv": False}}
+CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+          "projection_dim": 768, "hidden_act": "quick_gelu"}
+CLIP_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20, "num_hidden_layers": 32,
+          "projection_dim": 1280, "hidden_act": "gelu"}
+SD_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
+                "set_alpha_to_one": False, "steps_offset": 1}
+RESOLUTION = {"sd": 512, "sdxl": 1024, "sd3": 1024}
+#: (label, recipe, overrides): every SD recipe, and DMD's 4-step generator (backward simulation)
+EXTRA = [("sd15_dmd@4steps", "sd15_dmd", ["loss.steps=4", "sample.steps=4"])]
+
+
+def real_pipeline(family: str, directory: Path) -> Path:
+    """A ``family`` pipeline at its published size, random weights built on the GPU, saved in float16."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from fewstep.testing.tokenizer import write_clip_tokenizer
+
+    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(directory.parent / f".{family}-tok"), model_max_length=77)
+
+    def clip(spec, cls):
+        cfg = CLIPTextConfig(**spec, vocab_size=49408, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        return cls(cfg)
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        vae = AutoencoderKL(**VAE, **VAE_BY_FAMILY[family])
+        if family == "sd":
+            pipe = StableDiffusionPipeline(vae=vae, text_encoder=clip(CLIP_L, CLIPTextModel), tokenizer=tok,
+                                           unet=UNet2DConditionModel(**SD15_UNET), scheduler=DDIMScheduler(**SD_SCHEDULER),
+                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        elif family == "sdxl":
+            pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=clip(CLIP_L, CLIPTextModel),
+                                             text_encoder_2=clip(CLIP_G, CLIPTextModelWithProjection), tokenizer=tok,
+                                             tokenizer_2=tok, unet=UNet2DConditionModel(**SDXL_UNET),
+                                             scheduler=DDIMScheduler(**{**SD_SCHEDULER, "timestep_spacing": "leading"}),
+                                             force_zeros_for_empty_prompt=True)
+        else:
+            pipe = StableDiffusion3Pipeline(transformer=SD3Transformer2DModel(**SD3_TRANSFORMER),
+                                            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                                            text_encoder=clip(CLIP_L, CLIPTextModelWithProjection), tokenizer=tok,
+                                            text_encoder_2=clip(CLIP_G, CLIPTextModelWithProjection), tokenizer_2=tok,
+                                            text_encoder_3=None, tokenizer_3=None)
+    pipe.to(torch.float16).save_pretrained(directory)
+    del pipe
+    torch.cuda.empty_cache()
+    return directory
+
+
+def standins(root: Path, tiny: bool) -> tuple[dict[str, Path], dict[str, Path], Path]:
+    """(pipelines, image folders per family, LPIPS file)."""
+    from fewstep.testing.tiny import TINY_RESOLUTION, save_captioned_digits, save_random_lpips, save_tiny_pipeline
+
+    fams = ("sd", "sdxl", "sd3")
+    if tiny:
+        pipes = {f: save_tiny_pipeline(f, root / f) for f in fams}
+        images = save_captioned_digits(root / "images", resolution=TINY_RESOLUTION)
+        folders = {f: images for f in fams}
+    else:
+        pipes = {f: real_pipeline(f, root / f) for f in fams}
+        folders = {f: save_captioned_digits(root / f"images{RESOLUTION[f]}", num=16, resolution=RESOLUTION[f]) for f in fams}
+    return pipes, folders, save_random_lpips(root / "lpips_vgg.safetensors")
+
+
+def without_stage_models(sub, base_raw):
+    """A stage's recipe with earlier stages' models replaced by the base recipe's (nothing is exported here)."""
+    from fewstep.config import validate
+
+    raw = copy.deepcopy(sub.raw)
+    for key in ("teacher", "student"):
+        if str((raw.get(key) or {}).get("path") or "").startswith("stage:"):
+            raw[key] = copy.deepcopy(base_raw[key])
+    (raw.get("loss") or {}).pop("fake_from", None)
+    return validate(raw)
+
+
+def peak_gib() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_training(sub, outputs, guard: float) -> dict:
+    """Median step time per phase (first step of each phase excluded) within ``guard`` seconds."""
+    from fewstep.data.plan import BatchSource
+    from fewstep.run import build_loop
+
+    start = time.perf_counter()
+    loop = build_loop(sub, stage_outputs=outputs, log=lambda m: None)
+    built = time.perf_counter() - start
+    source = BatchSource(loop.dataset, loop.plan, rank=0, start_step=0, num_workers=0)
+    times: dict[str, list[float]] = {}
+    status = "ok"
+    while any(len(v) < 2 for v in times.values()) or len(times) < len(loop.loss.phases):
+        if time.perf_counter() - start > guard:
+            status = f"guard {guard:.0f} s"
+            break
+        sync()
+        t0 = time.perf_counter()
+        logs = loop.train_step(source)
+        sync()
+        times.setdefault(logs["phase"], []).append(time.perf_counter() - t0)
+    del loop
+    return {"build_s": built, "status": status,
+            "phases": {p: (statistics.median(v[1:]) if len(v) > 1 else None, len(v)) for p, v in times.items()}}
+
+
+def rehearse(label: str, name: str, extra: list[str], stand: tuple, root: Path, tiny: bool, guard: float,
+             deadline: float) -> list[dict]:
+    from fewstep.config import load_recipe
+    from fewstep.run import run_pairs, stage_recipes
+    from fewstep.testing.recipes import family_of, standin_overrides
+    from fewstep.testing.tiny import TINY_RESOLUTION
+
+    pipes, folders, lpips = stand
+    fam = family_of(name)
+    over = standin_overrides(name, pipelines=pipes, images=folders[fam],
+                             resolution=TINY_RESOLUTION if tiny else RESOLUTION[fam], lpips_weights=lpips)
+    over += [f"train.output_dir={root / 'runs' / label}", "train.progress=false", "train.sample_every=0",
+             "train.eval_every=0", *extra]
+    if tiny:  # float32 on CPU: its float16 and bfloat16 kernels are slow and say nothing about a GPU's
+        over += ["train.batch_size=2", "pairs.batch_size=2", "train.mixed_precision='no'", "train.teacher_dtype=float32"]
+        over += [f"stages.{st['name']}.train.batch_size=2" for st in load_recipe(name).stages
+                 if "batch_size" in (st.get("train") or {})]
+    recipe = load_recipe(name, over)
+    if recipe.pairs is not None:
+        n = min(recipe.pairs.batch_size, 4)
+        recipe = load_recipe(name, over + [f"pairs.num={n}", f"pairs.shard_size={n}", f"pairs.batch_size={n}"])
+    stages = stage_recipes(recipe) if recipe.stages else [(label, "distill", recipe)]
+    rows, outputs = [], {}
+    for sname, kind, sub in stages:
+        row = {"recipe": label, "stage": sname if recipe.stages else "-", "kind": kind}
+        if time.perf_counter() > deadline:
+            rows.append({**row, "status": "not run (budget)"})
+            continue
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        sub = without_stage_models(sub, recipe.raw)
+        try:
+            if kind == "pairs":
+                t0 = time.perf_counter()
+                run_pairs(sub, stage_outputs=outputs, progress=False, log=lambda m: None)
+                row.update(status="ok", pairs_per_s=sub.pairs.num / (time.perf_counter() - t0),
+                           batch=sub.pairs.batch_size, steps=sub.pairs.steps)
+            else:
+                row.update(time_training(sub, outputs, guard), batch=sub.train.batch_size)
+        except Exception as e:  # a rehearsal reports every recipe, and what stopped one
+            row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        row["peak_gib"] = peak_gib()
+        outputs[sname] = Path(sub.train.output_dir)  # stage:NAME of a pairs stage reads its pairs/ there
+        rows.append(row)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| recipe | stage | batch | phase: median step s (steps run) | pairs/s | peak CUDA GiB | status |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        phases = ", ".join(f"{p} {'-' if m is None else f'{m:.3f}'} ({n})" for p, (m, n) in r.get("phases", {}).items())
+        pairs = f"{r['pairs_per_s']:.2f} ({r['steps']} steps)" if "pairs_per_s" in r else ""
+        peak = "" if r.get("peak_gib") is None else f"{r['peak_gib']:.1f}"
+        out.append(f"| {r['recipe']} | {r['stage']} | {r.get('batch', '')} | {phases} | {pairs} | {peak} | {r['status']} |")
+    return "\n".join(out)
+
+
+def main() -> int:
+    from fewstep.config import available_recipes
+    from fewstep.io import write_json_atomic
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", type=float, default=280.0, help="seconds after which no further stage starts")
+    ap.add_argument("--guard", type=float, default=30.0, help="seconds one training stage may run")
+    ap.add_argument("--recipes", default=None, help="comma-separated labels (default: every SD recipe and sd15_dmd@4steps)")
+    ap.add_argument("--tiny", action="store_true", help="the tiny pipelines even when CUDA is there")
+    ap.add_argument("--out", default=None, help="write the rows as JSON here too")
+    args = ap.parse_args()
+    start = time.perf_counter()
+    tiny = args.tiny or not torch.cuda.is_available()
+    jobs = [(n, n, []) for n in sorted(available_recipes()) if n.startswith(("sd15_", "sdxl_", "sd3_"))] + EXTRA
+    if args.recipes:
+        wanted = args.recipes.split(",")
+        unknown = sorted(set(wanted) - {j[0] for j in jobs})
+        if unknown:
+            print(f"gpu_rehearsal: unknown recipe {unknown[0]!r}; valid: {', '.join(j[0] for j in jobs)}", file=sys.stderr)
+            return 2
+        jobs = [j for j in jobs if j[0] in wanted]
+    shm = Path("/dev/shm")
+    with tempfile.TemporaryDirectory(dir=shm if (not tiny and shm.is_dir()) else None) as tmp:
+        root = Path(tmp)
+        stand = standins(root, tiny)
+        device = torch.cuda.get_device_name() if not tiny else "CPU, tiny pipelines"
+        print(f"gpu_rehearsal on {device}: stand-ins ready after {time.perf_counter() - start:.0f} s", flush=True)
+        rows = []
+        for label, name, extra in jobs:
+            rows += rehearse(label, name, extra, stand, root, tiny, args.guard, start + args.budget)
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    print(f"\n{table(rows)}\n\ntotal {time.perf_counter() - start:.0f} s")
+    if args.out:
+        write_json_atomic({"device": device, "rows": rows}, Path(args.out))
+    return 1 if any(r["status"].startswith("error") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
