@@ -66,9 +66,10 @@ def _recipe_file(tmp_path, name: str, steps: int):
 
 #: every loss once (diffusion, classifier, consistency, f-distill, reflow and flow distillation), those with a
 #: generator step count at 1 and 4 steps, over the analytic ring teacher; and the SD path's f-distill (with
-#: backward simulation), f-distill's discriminator on UNet features, and LCM, over the tiny SD pipeline
+#: backward simulation), f-distill's discriminator on UNet features, LCM, and ODE regression with f-distill at
+#: timestep 399 (SDXL), over the tiny pipelines
 CASES = [("gmm_teacher", None), ("digits_features", None), ("gmm_cd", None), ("sd15_lcm", None),
-         ("sd15_dmd", 4), ("sd15_fdistill_js", 1)] + [(name, steps) for name in ("gmm_fdistill", "gmm_reflow")
+         ("sd15_dmd", 4), ("sd15_fdistill_js", 1), ("sdxl_fdistill_js", None)] + [(name, steps) for name in ("gmm_fdistill", "gmm_reflow")
                                                       for steps in (1, 4)]
 
 
