@@ -121,9 +121,12 @@ def build_loop(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None, 
                 save_samples=save_samples, evaluate=evaluate, export=b.export, fingerprint={"recipe": recipe.name}, log=log)
 
 
-def run_single(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None, log: Callable[[str], None] = print) -> LoopResult:
+def run_single(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None, log: Callable[[str], None] = print,
+               on_built: Callable[[], None] = lambda: None) -> LoopResult:
+    """Build, then (``on_built``, e.g. the multi-stage run's directory) write the run directory, then train."""
     check_run_dir(recipe)  # before the (possibly slow) build
     loop = build_loop(recipe, stage_outputs=stage_outputs, log=log)  # a recipe that cannot build leaves no trace
+    on_built()
     prepare_run_dir(recipe)
     result = loop.run()
     if result.status == "finished":
@@ -202,10 +205,16 @@ def check_stages(recipe: Recipe) -> list[tuple[str, str, Recipe]]:
     return stages
 
 
-def run_pairs_stage(recipe: Recipe, *, stage_outputs: dict[str, Path], log: Callable[[str], None] = print) -> None:
-    """A stage of kind pairs: its run directory, its pairs, then its DONE marker."""
+def run_pairs_stage(recipe: Recipe, *, stage_outputs: dict[str, Path], log: Callable[[str], None] = print,
+                    on_built: Callable[[], None] = lambda: None) -> None:
+    """A stage of kind pairs: its teacher built, its run directory, its pairs, then its DONE marker."""
+    from .builders import pairs_job
+
+    check_run_dir(recipe)
+    job = pairs_job(recipe, stage_outputs=stage_outputs)  # a teacher that cannot load leaves no trace
+    on_built()
     prepare_run_dir(recipe)
-    run_pairs(recipe, stage_outputs=stage_outputs, progress=recipe.train.progress, log=log)
+    run_pairs(recipe, stage_outputs=stage_outputs, progress=recipe.train.progress, log=log, job=job)
     mark_done(recipe, "pairs\n")
 
 
@@ -215,13 +224,14 @@ def pairs_dir(output_dir: str | Path) -> Path:
 
 
 def run_pairs(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None, progress: bool = True,
-              log: Callable[[str], None] = print) -> Path:
-    """Generate (or finish) the recipe's pairs in output_dir/pairs, split across accelerate's processes."""
+              log: Callable[[str], None] = print, job: dict | None = None) -> Path:
+    """Generate (or finish) the recipe's pairs in output_dir/pairs, split across accelerate's processes
+    (``job``: the built ``pairs_job``, when the caller built it already)."""
     from .builders import pairs_job
     from .pairs import generate_pairs
 
     state = processes()
-    job = pairs_job(recipe, stage_outputs=stage_outputs)
+    job = job if job is not None else pairs_job(recipe, stage_outputs=stage_outputs)
     directory = pairs_dir(recipe.train.output_dir)
     written = generate_pairs(directory=directory, rank=state.process_index, world_size=state.num_processes,
                              device=state.device, progress=progress and state.is_main_process, **job)
@@ -235,7 +245,14 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print) -> LoopRes
     if not recipe.stages:
         return run_single(recipe, log=log)
     stages = check_stages(recipe)  # a typo in the last stage is refused before the first one trains
-    prepare_run_dir(recipe)
+    check_run_dir(recipe)
+    written = []
+
+    def write_run_dir() -> None:  # once the first stage to run has built: a bad model path leaves no trace
+        if not written:
+            prepare_run_dir(recipe)
+            written.append(True)
+
     outputs: dict[str, Path] = {}
     result = None
     for name, kind, sub in stages:
@@ -246,10 +263,10 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print) -> LoopRes
             continue
         log(f"fewstep: stage {name}")
         if kind == "pairs":
-            run_pairs_stage(sub, stage_outputs=outputs, log=log)
+            run_pairs_stage(sub, stage_outputs=outputs, log=log, on_built=write_run_dir)
             outputs[name] = out
             continue
-        result = run_single(sub, stage_outputs=outputs, log=log)
+        result = run_single(sub, stage_outputs=outputs, log=log, on_built=write_run_dir)
         outputs[name] = out
         if result.status != "finished":
             return result
