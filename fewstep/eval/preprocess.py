@@ -4,7 +4,7 @@
   PIL bicubic in float mode ('F'), clip to [0, 255], no rounding after.
 - ``tf-legacy``: TF1 ``resize_bilinear`` with align_corners=False: source coordinate = dst * in/out
   (no half-pixel offset), on the uint8 image.
-Both return float32 (N, 3, S, S) in [0, 255]; the network then sees x / 127.5 - 1.
+Both return float32 (N, 3, S, S) in [0, 255]; the network then sees (x - 128) / 128 (features.py).
 """
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from torch import Tensor
 from ..errors import check_choice
 
 MODES = ("clean", "tf-legacy")
+#: how reports name each mode
+DESCRIPTION = {"clean": "clean (clean-fid: PIL bicubic from uint8)",
+               "tf-legacy": "tf-legacy (TF1 bilinear, align_corners false, from uint8)"}
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
