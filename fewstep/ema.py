@@ -12,6 +12,12 @@ updates ((1 + t) / (10 + t) = d at t = (10 d - 1) / (1 - d)). fewstep's loop use
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
 
 def ema_decay(decay: float, updates_before: int, warmup: bool = True) -> float:
     """The decay for the EMA update that follows ``updates_before`` earlier updates."""
@@ -22,4 +28,41 @@ def ema_decay(decay: float, updates_before: int, warmup: bool = True) -> float:
     return min(decay, (1 + updates_before) / (10 + updates_before))
 
 
-__all__ = ["ema_decay"]
+class EMA:
+    """An exponential moving average of tensors (Polyak averaging): ``update(params)`` moves every average
+    toward its tensor by 1 - decay_t, one ``torch._foreach_lerp_`` over all of them.
+
+    ``averages``: the tensors that hold the average (default: float32 copies of ``params``); the consistency
+    loss passes its target network's own parameters, so the target is the average itself. ``warmup``:
+    decay_t as diffusers' ``EMAModel`` (``ema_decay``); ``False``: the fixed decay from the first update (LCM's
+    target network). ``updates`` counts the updates so far (t of the warm-up; checkpointed by its owner).
+    """
+
+    def __init__(self, params: Sequence[Tensor], decay: float, *, warmup: bool = False,
+                 averages: Sequence[Tensor] | None = None) -> None:
+        self.decay, self.warmup = float(decay), bool(warmup)
+        self.averages = list(averages) if averages is not None else [p.detach().float().clone() for p in params]
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, params: Sequence[Tensor]) -> None:
+        d = ema_decay(self.decay, self.updates, self.warmup)
+        torch._foreach_lerp_(self.averages, [p.detach().to(a.dtype) for a, p in zip(self.averages, params)], 1.0 - d)
+        self.updates += 1
+
+    @contextlib.contextmanager
+    def swap_in(self, params: Sequence[Tensor]) -> Iterator[None]:
+        """Within the block, ``params`` hold the averages (in their own dtype); their values come back after."""
+        backup = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, a in zip(params, self.averages):
+                p.copy_(a.to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(params, backup):
+                    p.copy_(b)
+
+
+__all__ = ["EMA", "ema_decay"]

@@ -27,7 +27,7 @@ from .checkpoint import (flatten_state, latest_intact, load_checkpoint, rng_stat
                          unflatten_state)
 from .data.plan import BatchPlan, BatchSource, is_stream
 from .denoisers import Denoiser
-from .ema import ema_decay
+from .ema import EMA
 from .errors import FewstepError, lookup
 from .losses.base import DistillationLoss
 
@@ -224,13 +224,12 @@ class Loop:
                                                    num_training_steps=max(1, totals[phase]))
             self.optimizers[phase] = self.acc.prepare_optimizer(opt)
             self.phase_params[phase] = params
-        self.ema: list[Tensor] | None = None
+        self.ema: EMA | None = None
         student_trainable = trainable(self.modules["student"])
         self.ema_names = list(student_trainable)
         self.student_params = list(student_trainable.values())  # cached: walking modules each step is slow
-        self.ema_updates = 0  # EMA updates so far: t of the warm-up
         if s.ema_decay is not None:
-            self.ema = [p.detach().float().clone() for p in self.student_params]
+            self.ema = EMA(self.student_params, s.ema_decay, warmup=s.ema_warmup)
         self.plan = BatchPlan(None if is_stream(dataset) else len(dataset), s.batch_size // world, s.grad_accum,
                               world, s.seed)
         self.dataset = dataset
@@ -262,28 +261,11 @@ class Loop:
 
     # ------------------------------------------------------------------ EMA
     @torch.no_grad()
-    def _update_ema(self) -> None:
-        decay = ema_decay(self.s.ema_decay, self.ema_updates, self.s.ema_warmup)
-        torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.student_params], 1.0 - decay)
-        self.ema_updates += 1
-
     @contextlib.contextmanager
     def ema_weights(self):
         """Temporarily load the EMA weights into the student (no-op without EMA)."""
-        if self.ema is None:
+        with (self.ema.swap_in(self.student_params) if self.ema is not None else contextlib.nullcontext()):
             yield
-            return
-        params = self.student_params
-        backup = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, e in zip(params, self.ema):
-                p.copy_(e.to(p.dtype))
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, b in zip(params, backup):
-                    p.copy_(b)
 
     # ------------------------------------------------------------------ checkpoints
     def _state_groups(self) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
@@ -291,7 +273,7 @@ class Loop:
         for name, m in self.modules.items():
             groups["student" if name == "student" else f"module.{name}"] = trained_state(self.acc.unwrap_model(m))
         if self.ema is not None:
-            groups["ema"] = dict(zip(self.ema_names, self.ema))
+            groups["ema"] = dict(zip(self.ema_names, self.ema.averages))
         extra = self.loss.extra_state()
         if extra:
             groups["loss_state"] = extra
@@ -306,7 +288,7 @@ class Loop:
         skel, tensors = flatten_state(rng_state(), "rng")
         groups["rng"], skeletons["rng"] = tensors, skel
         state = {"step": self.step, "phase_steps": self.phase_steps, "skeletons": skeletons, "fingerprint": self.fingerprint,
-                 "best": self.best, "ema_updates": self.ema_updates}
+                 "best": self.best, "ema_updates": self.ema.updates if self.ema is not None else 0}
         return groups, state
 
     def save(self) -> Path | None:
@@ -339,7 +321,7 @@ class Loop:
         if self.ema is not None:
             if "ema" not in groups:
                 raise FewstepError(f"checkpoint {path} has no EMA weights but train.ema_decay is set")
-            self.ema = [groups["ema"][n].float().to(self.acc.device) for n in self.ema_names]
+            self.ema.averages = [groups["ema"][n].float().to(self.acc.device) for n in self.ema_names]
         self.loss.load_extra_state(groups.get("loss_state", {}))
         sk = state["skeletons"]
         for phase in self.loss.phases:
@@ -349,9 +331,9 @@ class Loop:
         self.step = int(state["step"])
         self.phase_steps = dict(state["phase_steps"])
         self.best = state.get("best")
-        # checkpoints written before the warm-up existed: the student's updates so far (the same count)
-        self.ema_updates = int(state.get("ema_updates", sum(n for p, n in self.phase_steps.items()
-                                                             if "student" in self.loss.phase_modules(p))))
+        if self.ema is not None:  # checkpoints written before the warm-up existed: the student's updates so far
+            self.ema.updates = int(state.get("ema_updates", sum(n for p, n in self.phase_steps.items()
+                                                                if "student" in self.loss.phase_modules(p))))
 
     # ------------------------------------------------------------------ one step
     def _no_sync(self, phase: str, last: bool):
@@ -410,7 +392,7 @@ class Loop:
                 opt.zero_grad(set_to_none=True)
             self.loss.on_step_end(phase, self.student)
             if self.ema is not None and "student" in self.loss.phase_modules(phase):
-                self._update_ema()
+                self.ema.update(self.student_params)
         self.phase_steps[phase] += 1
         logs["loss"] = logs.get("loss", total)
         logs["phase"] = phase

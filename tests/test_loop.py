@@ -103,7 +103,7 @@ def test_ema_equals_hand_computation(tmp_path):
     for _ in range(4):
         loop.train_step(source)
         expected = [0.8 * e + 0.2 * p for e, p in zip(expected, params())]
-    worst = max((e - m).abs().max().item() for e, m in zip(expected, loop.ema))
+    worst = max((e - m).abs().max().item() for e, m in zip(expected, loop.ema.averages))
     assert worst < 1e-6, worst
 
 
@@ -332,3 +332,29 @@ def test_shipped_recipes_spell_out_the_required_train_keys():
     for name, path in available_recipes().items():
         raw = yaml.safe_load(path.read_text())
         assert required <= set(raw.get("train", {})), (name, required - set(raw.get("train", {})))
+
+
+def test_one_ema_class_serves_the_loop_and_the_consistency_target():
+    """fewstep.ema.EMA: with warm-up the update after t others uses ema_decay(d, t) (diffusers' EMAModel rule),
+    without it d from the first update (LCM's target); averages may be a network's own parameters; swap_in
+    loads the averages and restores the weights."""
+    from fewstep.ema import EMA, ema_decay
+
+    g = torch.Generator().manual_seed(0)
+    w = [torch.randn(3, generator=g), torch.randn(2, 2, generator=g)]
+    ema = EMA(w, 0.9, warmup=True)
+    expected = [t.clone() for t in w]
+    for t in range(5):
+        new = [torch.randn(x.shape, generator=g) for x in w]
+        d = ema_decay(0.9, t, True)
+        expected = [d * e + (1 - d) * n for e, n in zip(expected, new)]
+        ema.update(new)
+    assert ema.updates == 5 and all(torch.allclose(a, e, atol=1e-6) for a, e in zip(ema.averages, expected))
+    target = [torch.zeros(3)]
+    fixed = EMA([], 0.95, averages=target)
+    fixed.update([torch.ones(3)])
+    assert torch.allclose(target[0], torch.full((3,), 0.05))  # in place, decay 0.95 from the first update
+    before = [x.clone() for x in w]
+    with ema.swap_in(w):
+        assert all(torch.equal(x, a) for x, a in zip(w, ema.averages))
+    assert all(torch.equal(x, b) for x, b in zip(w, before))

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..consistency import SIGMA_DATA, TIMESTEP_SCALING, consistency_function
+from ..ema import EMA
 from ..errors import FewstepError, check_choice
 from ..rng import SampleRNG
 from ..solvers import SOLVERS, ddim_update, make_solver
@@ -94,6 +95,7 @@ class ConsistencyDistillationLoss(DistillationLoss):
             self.discriminator = discriminator
         self.phases = self.phases_for(adversarial_weight=adversarial_weight)
         self.target: nn.Module | None = None
+        self._target_ema: EMA | None = None
         if self.target_kind == "ema":
             if student is None:
                 raise FewstepError("target=ema needs the student to copy")
@@ -196,13 +198,12 @@ class ConsistencyDistillationLoss(DistillationLoss):
         return LossOutput(loss, {"loss": loss.detach(), "disc_accuracy": acc.detach()})
 
     # ------------------------------------------------------------------ target network
-    @torch.no_grad()
     def on_step_end(self, phase: str, student) -> None:
         if phase != "student" or self.target is None:
             return
-        dst = list(self.target.net.parameters())
-        torch._foreach_lerp_(dst, [p.detach().to(d.dtype) for d, p in zip(dst, student.net.parameters())],
-                             1.0 - self.target_decay)
+        if self._target_ema is None:  # the target's own parameters are the average (fixed decay, as LCM)
+            self._target_ema = EMA([], self.target_decay, averages=list(self.target.net.parameters()))
+        self._target_ema.update(list(student.net.parameters()))
 
     def extra_state(self) -> dict[str, Tensor]:
         if self.target is None:
