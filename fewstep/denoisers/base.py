@@ -103,6 +103,10 @@ class Denoiser(nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ public
+    def batch_cond(self, batch: Mapping) -> dict | None:
+        """The condition tensors of ``batch`` this denoiser takes (``cond_keys``), or None when there are none."""
+        return {k: batch[k] for k in self.cond_keys if k in batch} or None
+
     def check_cond(self, cond: Cond | None) -> None:
         if cond is None:
             return

@@ -159,7 +159,7 @@ class ConsistencyDistillationLoss(DistillationLoss):
         z = rng.randn(*x0.shape[1:]) if self.eta > 0 else None
         adv_t = rng.randint(0, student.schedule.num_train_timesteps).double()
         adv_eps = rng.randn(*x0.shape[1:])
-        cond = {k: batch[k] for k in student.cond_keys if k in batch} or None
+        cond = student.batch_cond(batch)
         x_t = student.schedule.add_noise(x0, eps, t)
         if phase == "discriminator":
             with torch.no_grad():

@@ -47,7 +47,7 @@ class DiffusionLoss(DistillationLoss):
         eps = rng.randn(*x0.shape[1:])
         t = self._timesteps(rng, student)
         drop = rng.rand() < self.cond_drop_prob
-        cond = {k: batch[k] for k in student.cond_keys if k in batch}
+        cond = student.batch_cond(batch)
         if cond and self.cond_drop_prob > 0:
             if student.null_cond is None:
                 raise FewstepError("cond_drop_prob > 0 needs a model with a null condition")
@@ -56,7 +56,7 @@ class DiffusionLoss(DistillationLoss):
                 mask = drop.reshape(-1, *([1] * (v.ndim - 1)))
                 cond[k] = torch.where(mask, null, v)
         x_t = student.schedule.add_noise(x0, eps, t)
-        pred = student.native(x_t, t, cond or None)
+        pred = student.native(x_t, t, cond)
         target = student.native_target(x0, eps, t)
         per_sample = ((pred - target) ** 2).flatten(1).mean(1)
         if self.weighting == "min_snr":

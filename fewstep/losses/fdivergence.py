@@ -299,7 +299,7 @@ class FDivergenceLoss(DistillationLoss):
         eps = rng.randn(*shape)
         T = student.schedule.num_train_timesteps
         t = self._t_dm(rng, T)
-        cond = {k: batch[k] for k in student.cond_keys if k in batch} or None
+        cond = student.batch_cond(batch)
         dev = z.device
         if phase == "fake_score":
             x = self.generate(student, z, cond, rng, grad=False).detach()

@@ -46,7 +46,7 @@ class FlowDistillLoss(PairLoss):
     def forward(self, phase, batch, student, teacher):
         check_flow_student(student, "flow_distill")
         x1, z = batch["x0"].float(), batch["noise"].float()
-        cond = {k: batch[k] for k in student.cond_keys if k in batch}
+        cond = student.batch_cond(batch)
         grid = student.schedule.sampling_grid(self.steps)
-        loss = self.distance(euler_flow(student, z, grid, cond or None), x1).mean()
+        loss = self.distance(euler_flow(student, z, grid, cond), x1).mean()
         return LossOutput(loss, {"loss": loss.detach()})

@@ -51,7 +51,7 @@ class ODERegressionLoss(PairLoss):
 
     def forward(self, phase, batch, student, teacher):
         x1, z = batch["x0"].float(), batch["noise"].float()
-        cond = {k: batch[k] for k in student.cond_keys if k in batch} or None
+        cond = student.batch_cond(batch)
         t = torch.full((z.shape[0],), float(self.t_c(student)), dtype=torch.float64, device=z.device)
         loss = self.distance(student(z, t, cond), x1).mean()
         return LossOutput(loss, {"loss": loss.detach()})

@@ -55,7 +55,7 @@ class ReflowLoss(DistillationLoss):
         s = self.draw_s(SampleRNG(batch["seeds"], x1.device)).double()
         shape = (-1, *([1] * (x1.ndim - 1)))
         x_s = (1 - s.reshape(shape).float()) * x1 + s.reshape(shape).float() * z
-        cond = {k: batch[k] for k in student.cond_keys if k in batch}
-        u = student.native(x_s, s * student.schedule.num_train_timesteps, cond or None)
+        cond = student.batch_cond(batch)
+        u = student.native(x_s, s * student.schedule.num_train_timesteps, cond)
         loss = ((u - (z - x1)) ** 2).flatten(1).mean(1).mean()
         return LossOutput(loss, {"loss": loss.detach()})
