@@ -59,8 +59,8 @@ def pipeline_scheduler(student: Denoiser, pipeline, sampler: dict[str, Any]):
     A student reinterpreted as a rectified flow gets FlowMatchEulerDiscreteScheduler (its Euler step
     is exactly fewstep's on the flow schedule); a VP consistency student gets LCMScheduler with the loss's
     ``timestep_scaling`` and N as ``original_inference_steps`` (its step is fewstep's consistency sampler with
-    lcm spacing); a VP renoise (DMD2) student gets LCMScheduler with c_skip = 0, to be called with its
-    timesteps (docs/fdistill.md).
+    lcm spacing; a sigma_data it cannot express was refused by ``check_exportable`` when the run was built); a VP
+    renoise (DMD2) student gets LCMScheduler with c_skip = 0, to be called with its timesteps (docs/fdistill.md).
     """
     if pipeline is None:
         return None
@@ -69,7 +69,6 @@ def pipeline_scheduler(student: Denoiser, pipeline, sampler: dict[str, Any]):
     current = pipeline.pipe.scheduler
     solver = sampler["solver"]
     if solver == "consistency" and student.schedule.kind == "vp":
-        check_exportable(student, sampler)
         return LCMScheduler.from_config(current.config, timestep_scaling=float(sampler.get("timestep_scaling", 10.0)),
                                         original_inference_steps=int(sampler.get("original_steps", 50)),
                                         prediction_type=student.prediction_type)
