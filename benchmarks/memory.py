@@ -95,7 +95,7 @@ def child(spec: str) -> None:
     loop = build_loop(validate(raw), log=lambda m: None)
     loop.run()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    est = estimate([loop.teacher.net, *loop.modules.values()])  # the networks that ran (teacher frozen by the loop)
+    est = estimate([loop.teacher.net, *loop.networks.bare.values()])  # the networks that ran (teacher frozen by the loop)
     print(json.dumps({"peak": peak - base, "estimate": est.bytes / 2**20, "trainable": est.trainable}))
 
 

@@ -20,12 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from .errors import FewstepError
+from .networks import trainable
 from .io import save_safetensors_atomic
 
 PREFIX = "step-"
+#: the layout TrainState writes; 2 since the loop redesign (issue 18): checkpoints of format 1 do not resume
+FORMAT = 2
 
 
 # ----------------------------------------------------------------------------- flatten any state dict
@@ -186,3 +189,82 @@ def latest_intact(root: Path, report=print) -> Path | None:
             return path
         report(f"fewstep: skipping damaged checkpoint {path.name}: {problem}")
     return None
+
+
+# ----------------------------------------------------------------------------- a run's state
+def trained_state(module: nn.Module) -> dict[str, Tensor]:
+    """What a checkpoint keeps of a network: its trainable parameters and its buffers (frozen base weights
+    under LoRA adapters come from the model, not the checkpoint)."""
+    return {**trainable(module), **dict(module.named_buffers())}
+
+
+class TrainState:
+    """Everything a run resumes from, and the one place that writes and reads it as a checkpoint.
+
+    Groups (one safetensors file each): ``student`` and ``module.NAME`` (the trained networks' trained state),
+    ``ema``, ``loss_state`` (the loss's ``extra_state``), ``optim.PHASE`` and ``sched.PHASE`` (tensors of the
+    optimizer and LR-schedule state dicts), ``rng``; ``state.json`` holds the counters and every skeleton.
+    """
+
+    def __init__(self, *, networks: dict[str, nn.Module], optimizers: dict[str, Any], lr_schedulers: dict[str, Any],
+                 loss: Any, ema: Any = None, ema_names: list[str] | None = None,
+                 fingerprint: dict[str, Any] | None = None) -> None:
+        self.networks, self.optimizers, self.lr_schedulers = networks, optimizers, lr_schedulers
+        self.loss, self.ema, self.ema_names = loss, ema, list(ema_names or [])
+        self.fingerprint = fingerprint or {}
+        self.step = 0
+        self.phase_steps = {p: 0 for p in optimizers}
+        self.best: float | None = None
+
+    @staticmethod
+    def _group(name: str) -> str:
+        return "student" if name == "student" else f"module.{name}"
+
+    def to_groups(self) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
+        groups = {self._group(n): trained_state(m) for n, m in self.networks.items()}
+        if self.ema is not None:
+            groups["ema"] = self.ema.state_dict(self.ema_names)
+        extra = self.loss.extra_state()
+        if extra:
+            groups["loss_state"] = extra
+        skeletons = {}
+        for kind, objects in (("optim", self.optimizers), ("sched", self.lr_schedulers)):
+            for phase, obj in objects.items():
+                skeletons[f"{kind}.{phase}"], tensors = flatten_state(obj.state_dict(), f"{kind}.{phase}")
+                if tensors:
+                    groups[f"{kind}.{phase}"] = tensors
+        skeletons["rng"], groups["rng"] = flatten_state(rng_state(), "rng")
+        state = {"format": FORMAT, "step": self.step, "phase_steps": self.phase_steps, "skeletons": skeletons,
+                 "fingerprint": self.fingerprint, "best": self.best,
+                 "ema_updates": self.ema.updates if self.ema is not None else 0}
+        return groups, state
+
+    def save(self, root: Path, keep: int) -> Path:
+        groups, state = self.to_groups()
+        return save_checkpoint(root, self.step, groups, state, keep=keep)
+
+    def restore(self, path: Path) -> None:
+        """Load checkpoint ``path`` into the networks, EMA, loss, optimizers, LR schedules and RNGs."""
+        groups, state = load_checkpoint(path)
+        if state.get("format") != FORMAT:
+            raise FewstepError(f"checkpoint {path} was written by a fewstep before its loop redesign (format "
+                               f"{state.get('format', 1)}, this one reads {FORMAT}) and cannot resume; start over with "
+                               "train.overwrite=true, or finish the run with the fewstep version that wrote it")
+        for name, net in self.networks.items():
+            saved = groups.get(self._group(name), {})
+            if set(saved) != set(trained_state(net)):
+                raise FewstepError(f"checkpoint {path} does not fit this {name} (different trainable parameters)")
+            net.load_state_dict(saved, strict=False)
+        if self.ema is not None:
+            if "ema" not in groups:
+                raise FewstepError(f"checkpoint {path} has no EMA weights but train.ema_decay is set")
+            self.ema.load_state_dict(groups["ema"], self.ema_names, state["ema_updates"])
+        self.loss.load_extra_state(groups.get("loss_state", {}))
+        sk = state["skeletons"]
+        for kind, objects in (("optim", self.optimizers), ("sched", self.lr_schedulers)):
+            for phase, obj in objects.items():
+                obj.load_state_dict(unflatten_state(sk[f"{kind}.{phase}"], groups.get(f"{kind}.{phase}", {})))
+        set_rng_state(unflatten_state(sk["rng"], groups["rng"]))
+        self.step = int(state["step"])
+        self.phase_steps = dict(state["phase_steps"])
+        self.best = state.get("best")

@@ -20,39 +20,20 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from .errors import FewstepError, check_choice
+from .settings import LoopSettings
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
 # ----------------------------------------------------------------------------- sections
 @dataclass
-class TrainSection:
-    """How the loop runs. Run-length keys (RUN_LENGTH_KEYS) may change between a run and its resume."""
+class TrainSection(LoopSettings):
+    """How the loop runs (fewstep.settings.LoopSettings, passed to the loop as it is), and what only the
+    builders read."""
 
-    output_dir: str = "runs/default"
-    max_steps: int = 1000
-    batch_size: int = 16
-    seed: int = 0
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    resume: str = "auto"  # auto | none | a checkpoint path
     overwrite: bool = False
-    grad_accum: int = 1
-    mixed_precision: str = "no"  # no | fp16 | bf16
     teacher_dtype: str = "float32"  # float32 | float16 | bfloat16
     gradient_checkpointing: bool = False
-    clip_grad_norm: float | None = 1.0
-    ema_decay: float | None = None
-    ema_warmup: bool = True
-    export_ema: bool = True
-    log_every: int = 10
-    sample_every: int = 0
-    eval_every: int = 0
-    max_wall_time: float = 0.0  # seconds; 0 = no limit
-    nonfinite: str = "stop"  # stop | skip
-    num_workers: int = 0
-    progress: bool = True
-    trackers: list[str] = field(default_factory=list)
 
 
 RUN_LENGTH_KEYS = {

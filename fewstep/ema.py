@@ -50,6 +50,15 @@ class EMA:
         torch._foreach_lerp_(self.averages, [p.detach().to(a.dtype) for a, p in zip(self.averages, params)], 1.0 - d)
         self.updates += 1
 
+    def state_dict(self, names: Sequence[str]) -> dict[str, Tensor]:
+        """The averages by the names of the tensors they average (``updates`` is kept by the owner)."""
+        return dict(zip(names, self.averages))
+
+    def load_state_dict(self, state: dict[str, Tensor], names: Sequence[str], updates: int) -> None:
+        device = self.averages[0].device if self.averages else None
+        self.averages = [state[n].float().to(device) for n in names]
+        self.updates = int(updates)
+
     @contextlib.contextmanager
     def swap_in(self, params: Sequence[Tensor]) -> Iterator[None]:
         """Within the block, ``params`` hold the averages (in their own dtype); their values come back after."""

@@ -8,6 +8,10 @@ from torch import nn
 from .errors import FewstepError
 
 LORA_LAYERS = (nn.Linear, nn.Conv2d, nn.Conv1d, nn.Embedding)
+#: LoRA targets across a whole diffusers UNet or transformer block (attention, feed-forward, convolutions, time
+#: projection): an f-distill ``teacher_lora`` fake score's default, and the dry run's "LoRA student" estimate
+WIDE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                "conv1", "conv2", "time_emb_proj"]
 
 
 def lora_candidates(net: nn.Module) -> list[str]:

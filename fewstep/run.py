@@ -111,14 +111,14 @@ def _write_run_dir(recipe: Recipe) -> None:
 
 def build_loop(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None, log: Callable[[str], None] = print,
                evaluate=None) -> Loop:
-    from .builders import build
+    from .build import build
     from .viz import save_samples
 
     b = build(recipe, stage_outputs=stage_outputs)
-    evaluate = evaluate or b.evaluate
     return Loop(student=b.student.denoiser, teacher=b.teacher.denoiser, loss=b.loss, dataset=b.dataset,
-                settings=b.settings, optimizers=b.optimizers, prepare=b.prepare, sample_fn=b.sample_fn,
-                save_samples=save_samples, evaluate=evaluate, export=b.export, fingerprint={"recipe": recipe.name}, log=log)
+                settings=b.settings, optimizers=b.optimizers, lr_schedulers=b.lr_schedulers, prepare=b.prepare,
+                sample_fn=b.sample_fn, save_samples=save_samples, evaluate=evaluate or b.evaluate,
+                best_metric=b.best_metric, export=b.export, fingerprint={"recipe": recipe.name}, log=log)
 
 
 def run_single(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None, log: Callable[[str], None] = print,
@@ -195,7 +195,7 @@ def stage_recipes(recipe: Recipe) -> list[tuple[str, str, Recipe]]:
 
 def check_stages(recipe: Recipe) -> list[tuple[str, str, Recipe]]:
     """Check a recipe (each of its stages, if it has any) without loading models or data; return its stages."""
-    from .builders import check_pairs, check_recipe
+    from .build import check_pairs, check_recipe
 
     if not recipe.stages:
         check_recipe(recipe)
@@ -208,7 +208,7 @@ def check_stages(recipe: Recipe) -> list[tuple[str, str, Recipe]]:
 def run_pairs_stage(recipe: Recipe, *, stage_outputs: dict[str, Path], log: Callable[[str], None] = print,
                     on_built: Callable[[], None] = lambda: None) -> None:
     """A stage of kind pairs: its teacher built, its run directory, its pairs, then its DONE marker."""
-    from .builders import pairs_job
+    from .build import pairs_job
 
     check_run_dir(recipe)
     job = pairs_job(recipe, stage_outputs=stage_outputs)  # a teacher that cannot load leaves no trace
@@ -227,7 +227,7 @@ def run_pairs(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None, p
               log: Callable[[str], None] = print, job: dict | None = None) -> Path:
     """Generate (or finish) the recipe's pairs in output_dir/pairs, split across accelerate's processes
     (``job``: the built ``pairs_job``, when the caller built it already)."""
-    from .builders import pairs_job
+    from .build import pairs_job
     from .pairs import generate_pairs
 
     state = processes()

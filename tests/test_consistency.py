@@ -8,6 +8,7 @@ from fewstep.data.mixtures import make_mixture
 from fewstep.denoisers import MixtureDenoiser, MLPDenoiser, MLPNet
 from fewstep.errors import FewstepError
 from fewstep.losses import ConsistencyDistillationLoss
+from fewstep.losses.base import Models
 from fewstep.schedules import FlowSchedule, VPSchedule, lcm_timesteps
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
@@ -81,7 +82,7 @@ def test_consistency_training_step_uses_the_data_point_with_the_same_noise(kind)
     student = _student(sch)
     x0 = make_mixture("ring").sample(12, torch.Generator().manual_seed(1))
     labels, seeds = torch.arange(12) % 8, torch.arange(12) * 7 + 3
-    loss_fn = ConsistencyDistillationLoss.build(teacher=None, student=student, solver="data", target="online")
+    loss_fn = ConsistencyDistillationLoss.from_models(Models(None, student), solver="data", target="online")
     out = loss_fn("student", {"x0": x0, "class_labels": labels, "seeds": seeds}, student, None)
     g = [torch.Generator().manual_seed(int(s)) for s in seeds]
     eps = torch.stack([torch.randn(2, generator=gi) for gi in g])
@@ -95,7 +96,7 @@ def test_consistency_training_step_uses_the_data_point_with_the_same_noise(kind)
         f_s = consistency_function(student, a_s * x0 + s_s * eps, s, cond)
     assert torch.allclose(out.loss, ((f_t - f_s) ** 2).mean(), rtol=1e-4, atol=1e-7)
     with pytest.raises(FewstepError, match="only solver: data"):
-        ConsistencyDistillationLoss.build(teacher=None, student=student, solver="ddim")
+        ConsistencyDistillationLoss.from_models(Models(None, student), solver="ddim")
 
 
 def test_ema_target_network_updates_and_checkpoints():
@@ -175,7 +176,7 @@ def test_stochastic_teacher_step_is_ddim_with_eta():
 def test_guidance_embedding_student_starts_equal_to_teacher_and_exports_to_lcm_pipeline(tmp_path, tiny_dirs, captioned_dir, plain_one_step):
     from diffusers import LCMScheduler
 
-    from fewstep.builders import build
+    from fewstep.build import build
     from fewstep.config import validate
     from fewstep.generate import Generator
 
@@ -213,7 +214,7 @@ def test_adversarial_cd_recipe_trains_its_discriminator_with_its_own_optimizer(t
 
     from safetensors.torch import load_file
 
-    from fewstep.builders import check_recipe
+    from fewstep.build import check_recipe
     from fewstep.cli import main
     from fewstep.config import load_recipe
     from fewstep.errors import FewstepError
@@ -252,7 +253,7 @@ def test_non_default_consistency_settings_reach_the_sampler_and_the_lcm_export(t
     sample; the default settings would not."""
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
-    from fewstep.builders import build
+    from fewstep.build import build
     from fewstep.config import validate
     from fewstep.generate import Generator
 

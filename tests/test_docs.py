@@ -5,7 +5,7 @@ import inspect
 import re
 from pathlib import Path
 
-from fewstep.builders import DATA, LOSS_INJECTED
+from fewstep.build import DATA
 from fewstep.cli import build_parser
 from fewstep.config import NAMED_SECTIONS, SECTIONS, TOP_KEYS
 from fewstep.losses import LOSSES
@@ -25,9 +25,7 @@ def test_every_recipe_key_is_documented():
     for name, cls in SECTIONS.items():
         wanted |= {f"{name}.{f.name}": f.name for f in dataclasses.fields(cls)}
     for name, cls in LOSSES.items():
-        wanted |= {f"loss {name}": name} | {f"loss {name}.{k}": k for k in _keys(cls.__init__, LOSS_INJECTED)}
-        if hasattr(cls, "build"):
-            wanted |= {f"loss {name}.{k}": k for k in _keys(cls.build, LOSS_INJECTED)}
+        wanted |= {f"loss {name}": name} | {f"loss {name}.{k}": k for k in _keys(cls.__init__, cls.provided)}
     for name, fn in DATA.items():
         wanted |= {f"data {name}": name} | {f"data {name}.{k}": k for k in _keys(fn, ("stage_outputs",))}
     missing = sorted(where for where, key in wanted.items() if key not in documented)

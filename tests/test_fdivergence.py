@@ -8,6 +8,7 @@ from fewstep.denoisers import MixtureDenoiser, MLPDenoiser, MLPNet
 from fewstep.discriminators import XTDiscriminator
 from fewstep.errors import FewstepError
 from fewstep.losses import FDivergenceLoss
+from fewstep.losses.base import Models
 from fewstep.losses.fdivergence import WEIGHTINGS, density_ratio, dm_loss
 from fewstep.schedules import VPSchedule
 
@@ -60,8 +61,8 @@ def _setup(divergence="jensen_shannon", **kw):
     teacher = MixtureDenoiser(make_mixture("ring"), sch)
     torch.manual_seed(0)
     student = MLPDenoiser(MLPNet(dim=2, hidden=32, depth=2, num_classes=0), sch, precondition="edm")
-    loss = FDivergenceLoss.build(teacher=teacher, student=student, schedule=sch, divergence=divergence,
-                                 gan_weight=kw.pop("gan_weight", 0.01), sample_shape=(2,), **kw)
+    loss = FDivergenceLoss.from_models(Models(teacher, student, sch, sample_shape=(2,)), divergence=divergence,
+                                       gan_weight=kw.pop("gan_weight", 0.01), **kw)
     return teacher, student, loss
 
 
@@ -88,7 +89,7 @@ def test_phases_cycle_and_train_their_own_modules():
 
 def test_fake_score_is_a_fresh_network_for_a_weightless_teacher():
     teacher, student, loss = _setup("reverse_kl", gan_weight=0.0)
-    assert loss.phases == ("fake_score", "generator") and loss.needs == ("cond",)
+    assert loss.phases == ("fake_score", "generator") and set(loss.needs) == {"cond"}
     assert loss.fake_score.net is not student.net
     assert not all(torch.equal(a, b) for a, b in zip(loss.fake_score.net.parameters(), student.net.parameters()))
 
@@ -124,7 +125,7 @@ def test_sd_dmd_student_exports_to_plain_diffusers(tmp_path, tiny_dirs, plain_on
     image in plain diffusers equals fewstep's own sample."""
     from diffusers import LCMScheduler
 
-    from fewstep.builders import build
+    from fewstep.build import build
     from fewstep.config import validate
     from fewstep.generate import Generator
 
@@ -136,7 +137,7 @@ def test_sd_dmd_student_exports_to_plain_diffusers(tmp_path, tiny_dirs, plain_on
         "train": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "progress": False},
     })
     b = build(recipe)
-    assert b.loss.needs == ("cond",) and b.loss.phases == ("fake_score", "generator")
+    assert set(b.loss.needs) == {"cond"} and b.loss.phases == ("fake_score", "generator")
     batch = {**b.prepare({"prompt": ["a cat", "a dog"]}), "seeds": torch.arange(2)}
     out = b.loss("generator", batch, b.student.denoiser, b.teacher.denoiser)
     assert torch.isfinite(out.loss)
@@ -245,7 +246,7 @@ def test_conditioning_timestep_399_generates_from_pure_noise_and_exports(tmp_pat
     fewstep's sample."""
     from diffusers import StableDiffusionPipeline
 
-    from fewstep.builders import build
+    from fewstep.build import build
     from fewstep.config import validate
     from fewstep.generate import Generator
     from fewstep.rng import SampleRNG
@@ -285,7 +286,7 @@ def test_fake_score_copies_the_float32_teacher_weights_not_their_teacher_dtype_r
     """DMD2 builds its fake UNet in float32 from the float32 weights; the teacher runs in train.teacher_dtype."""
     from diffusers import UNet2DConditionModel
 
-    from fewstep.builders import build
+    from fewstep.build import build
     from fewstep.config import validate
 
     b = build(validate({

@@ -208,7 +208,7 @@ def test_plain_diffusers_loads_every_adapter_of_the_recipes_lora_targets(name, t
     import diffusers
     from peft.utils import get_peft_model_state_dict
 
-    from fewstep.builders import build
+    from fewstep.build import build
     from fewstep.config import load_recipe
     from fewstep.testing.recipes import family_of, standin_overrides
     from fewstep.testing.tiny import TINY_RESOLUTION

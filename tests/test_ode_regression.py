@@ -12,11 +12,13 @@ class _Built:
 
     def __init__(self, path, **loss):
         from fewstep.losses import ODERegressionLoss
+        from fewstep.losses.base import Models
         from fewstep.pipelines import load_pipeline
 
         self.pipeline = load_pipeline(str(path))
         self.student = self.pipeline.denoiser()
-        self.loss = ODERegressionLoss.build(student=self.student, pipeline=self.pipeline, **{"timestep": 399, **loss})
+        self.loss = ODERegressionLoss.from_models(Models(None, self.student, pipeline=self.pipeline),
+                                                  **{"timestep": 399, **loss})
 
 
 def _built(tmp_path, tiny_dirs, **loss):

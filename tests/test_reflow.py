@@ -171,7 +171,7 @@ def test_sd_reflow_student_exports_and_runs_in_plain_diffusers(tmp_path, tiny_di
     FlowMatchEulerDiscreteScheduler, sampled by the few diffusers-only lines of docs/reflow.md."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline
 
-    from fewstep.builders import build
+    from fewstep.build import build
     from fewstep.generate import Generator
     from fewstep.run import run_pairs
 
@@ -250,7 +250,7 @@ def test_sd_pairs_end_at_sigma_zero_as_diffusers_dpm_solver(tmp_path, tiny_dirs)
 
 def shard_prompts(recipe, shard):
     """The prompts of a shard's indices: data item i mod len(data), as pairs take them."""
-    from fewstep.builders import build_data
+    from fewstep.build import build_data
 
     data = build_data(recipe)
     return [data[int(i) % len(data)]["prompt"] for i in shard["index"]]

@@ -22,12 +22,12 @@ ASSET_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "digits_teac
 REFLOW_STAGES = [{"name": "pairs", "kind": "pairs"},
                  {"name": "distill", "loss": {"name": "flow_distill", "steps": 1, "distance": "l2"},
                   "data": {"name": "pairs", "path": "stage:pairs"}, "sample": {"solver": "euler", "steps": 1}}]
-#: (name, recipe, its stages in the demo, loop steps per student update (None: one cycle of the loss's
-#: phases), reads the reflow student's teacher pairs (f-distill: real data and regression targets))
+#: (name, recipe, its stages in the demo, reads the reflow student's teacher pairs (f-distill: real data and
+#: regression targets)); each trains ``updates`` student updates (the loss says how many loop steps that is)
 METHODS = (
-    ("reflow", "digits_reflow", REFLOW_STAGES, 1, False),
-    ("consistency", "digits_cd", [], 1, False),
-    ("fdistill_js", "digits_fdistill", [], None, True),
+    ("reflow", "digits_reflow", REFLOW_STAGES, False),
+    ("consistency", "digits_cd", [], False),
+    ("fdistill_js", "digits_fdistill", [], True),
 )
 FULL = {"updates": 300, "num": 1000, "pairs": 4000, "repeats": 10, "batch": 32}
 QUICK = {"updates": 20, "num": 200, "pairs": 200, "repeats": 3, "batch": 32}
@@ -60,10 +60,11 @@ def teacher_dir(out: Path, log=print) -> Path:
     return out / "teacher" / "final"
 
 
-def student_recipe(name: str, recipe: str, stages: list[dict], per_update: int | None, shared_pairs: bool,
+def student_recipe(name: str, recipe: str, stages: list[dict], shared_pairs: bool,
                    teacher: Path, out: Path, settings: dict[str, Any]):
     """The shipped recipe with the shipped teacher, ``updates`` student updates and demo-sized pairs."""
     from ..config import load_recipe, validate
+    from ..losses import loss_class
     from ..run import pairs_dir
 
     raw = copy.deepcopy(load_recipe(recipe).raw)
@@ -71,8 +72,8 @@ def student_recipe(name: str, recipe: str, stages: list[dict], per_update: int |
     raw.pop("stages", None)
     if stages:
         raw["stages"] = copy.deepcopy(stages)
-    loss = raw.get("loss", {})
-    cycle = per_update or (loss.get("fake_updates", 5) + 1)
+    loss = dict((stages[-1].get("loss") if stages else None) or raw["loss"])  # the loss that trains the student
+    steps = loss_class(loss.pop("name")).loop_steps(settings["updates"], **loss)
     if "pairs" in raw:
         raw["pairs"] = {**raw["pairs"], "num": settings["pairs"], "shard_size": settings["pairs"], "seed": settings["seed"]}
     if shared_pairs:
@@ -81,9 +82,9 @@ def student_recipe(name: str, recipe: str, stages: list[dict], per_update: int |
     # initial weights are left; 0.999 would leave 74 %). Not the loop's default warm-up: over 300 updates it never
     # reaches 0.99 (1 - decay = 9 / (t + 10) ends at 0.029) and averages fewer updates; measured on seed 0, the
     # warm-up gave one-step FD reflow 66.59, consistency 94.32, f-distill 103.24 against 58.81, 93.07, 101.25
-    raw["train"] = {**raw["train"], "output_dir": str(out / name), "max_steps": settings["updates"] * cycle,
+    raw["train"] = {**raw["train"], "output_dir": str(out / name), "max_steps": steps,
                     "batch_size": settings["batch"], "ema_decay": 0.99, "ema_warmup": False, "seed": settings["seed"],
-                    "checkpoint_every": max(1, settings["updates"] * cycle // 4), "sample_every": 0, "eval_every": 0}
+                    "checkpoint_every": max(1, steps // 4), "sample_every": 0, "eval_every": 0}
     raw.pop("evaluation", None)
     return validate(raw)
 

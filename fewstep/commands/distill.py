@@ -52,14 +52,11 @@ def dry_run(recipe) -> int:
 
 
 def _estimate(recipe, stage_outputs: dict) -> None:
-    from ..builders import build
-    from ..loop import freeze_teacher
-    from ..losses.fdivergence import FAKE_LORA_TARGETS
+    from ..build import build
+    from ..lora import WIDE_TARGETS
     from ..memory import OPTIMIZER_STATES, estimate, lora_parameter_count
 
-    b = build(recipe, stage_outputs=stage_outputs)
-    if b.teacher.denoiser is not None:
-        freeze_teacher(b.teacher.denoiser, b.loss)  # as the loop will
+    b = build(recipe, stage_outputs=stage_outputs)  # the teacher comes frozen, as the loop trains it
     student = b.student.denoiser.net
     teacher = getattr(b.teacher.denoiser, "net", None)
     extra = b.loss.modules_to_train()
@@ -73,21 +70,21 @@ def _estimate(recipe, stage_outputs: dict) -> None:
     s_train, s_frozen = _count(student)
     here = estimate([student, teacher, *extra.values()], optimizer=opt, ema_params=s_train if ema else 0)
     rows = [("this run", here.trainable, here.gib)]
-    lora_rank = recipe.lora.rank if recipe.lora is not None else 64
     if recipe.lora is not None:  # the same run training the whole student: its base weights (already counted once)
         delta = (s_frozen - s_train) * (per_trained + (4 if ema else 0)) - s_train * 4  # adapters' own weights go
         rows.append(("full student instead of LoRA", here.trainable - s_train + s_frozen, (here.bytes + delta) / 2**30))
     else:
-        n = lora_parameter_count(student, lora_rank, FAKE_LORA_TARGETS)
+        rank = 64
+        n = lora_parameter_count(student, rank, WIDE_TARGETS)
         delta = (n - s_train) * (per_trained + (4 if ema else 0)) + n * 4
-        rows.append((f"LoRA rank {lora_rank} student instead of full", here.trainable - s_train + n, (here.bytes + delta) / 2**30))
-    fake = extra.get("fake_score")
-    if fake is not None and fake is not teacher and teacher is not None:  # f-distill with a full fake-score copy
-        f_train = _count(fake)[0]
-        rank = getattr(b.loss, "fake_lora_rank", lora_rank)
-        n = lora_parameter_count(teacher, rank, FAKE_LORA_TARGETS)
-        saved = sum(p.numel() * p.element_size() for p in fake.parameters()) + f_train * per_trained
-        rows.append((f"fake score as LoRA rank {rank} on the teacher (fake_init: teacher_lora)", here.trainable - f_train + n,
+        rows.append((f"LoRA rank {rank} student instead of full", here.trainable - s_train + n, (here.bytes + delta) / 2**30))
+    for name, (rank, targets, how) in b.loss.lora_alternatives().items():  # e.g. f-distill's full fake-score copy
+        if teacher is None:
+            continue
+        copy_train = _count(extra[name])[0]
+        n = lora_parameter_count(teacher, rank, targets)
+        saved = sum(p.numel() * p.element_size() for p in extra[name].parameters()) + copy_train * per_trained
+        rows.append((f"{name.replace('_', ' ')} as LoRA rank {rank} on the teacher ({how})", here.trainable - copy_train + n,
                      (here.bytes - saved + n * (4 + per_trained)) / 2**30))
     print(f"memory estimate (weights, gradients, {opt} state{', EMA' if ema else ''}; activations excluded):")
     for label, trainable, gib in rows:

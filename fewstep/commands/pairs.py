@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..builders import check_pairs
+    from ..build import check_pairs
     from ..run import prepare_run_dir, run_pairs, run_pairs_stage, stage_recipes
 
     recipe = load_recipe(args.recipe, args.overrides)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import FewstepError, check_choice
-from ..schedules import PREDICTION_TYPES, Schedule, native_from_x0_eps, x0_eps_from_native
+from ..schedules import PREDICTION_TYPES, Schedule, expand_as, native_from_x0_eps, x0_eps_from_native
 
 Cond = Mapping[str, Tensor]
 Guidance = float | Tensor | None
@@ -144,7 +144,7 @@ class Denoiser(nn.Module):
             raise FewstepError(f"{type(self).__name__} has no null condition; set null_cond to use guidance")
         both = self._call(torch.cat([x_t, x_t]), torch.cat([t, t]), _stack_cond(uncond, cond, n), None)
         pred_u, pred_c = both.float().chunk(2)
-        w = w.reshape(-1, *([1] * (x_t.ndim - 1)))
+        w = expand_as(w, x_t)
         return pred_u + w * (pred_c - pred_u)
 
     def predict(

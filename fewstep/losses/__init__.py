@@ -1,6 +1,6 @@
 """Loss objects, one method per file, all plugged into the one loop (fewstep.loop)."""
 from ..errors import lookup
-from .base import DistillationLoss, LossOutput
+from .base import DistillationLoss, LossOutput, Models
 from .classifier import ClassifierLoss
 from .consistency import ConsistencyDistillationLoss
 from .diffusion import DiffusionLoss
@@ -20,6 +20,6 @@ def loss_class(name: str) -> type[DistillationLoss]:
     return lookup(LOSSES, name, "loss")
 
 
-__all__ = ["ClassifierLoss", "ConsistencyDistillationLoss", "DiffusionLoss", "DistillationLoss", "FDivergenceLoss", "FlowDistillLoss", "LOSSES", "LossOutput",
+__all__ = ["ClassifierLoss", "ConsistencyDistillationLoss", "DiffusionLoss", "DistillationLoss", "FDivergenceLoss", "FlowDistillLoss", "LOSSES", "LossOutput", "Models",
            "ODERegressionLoss", "ReflowLoss",
            "loss_class"]

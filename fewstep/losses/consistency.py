@@ -28,9 +28,9 @@ from ..ema import EMA
 from ..errors import FewstepError, check_choice
 from ..rng import SampleRNG
 from ..solvers import SOLVERS, ddim_update, make_solver
-from .base import DistillationLoss, LossOutput
+from .base import DistillationLoss, LossOutput, Models
 from .distances import DISTANCES
-from .gan import GAN_LOSSES, discriminator_loss, generator_loss
+from .gan import GAN_LOSSES, critic_step, generator_loss
 
 TARGETS = ("ema", "online")
 
@@ -52,11 +52,11 @@ class ConsistencyDistillationLoss(DistillationLoss):
     """
 
     phases = ("student", "discriminator")  # every phase it can run; an instance runs ``phases_for`` its settings
-    needs = ("x0",)
+    provided = ("student", "discriminator")
     choices = {"solver": (*(k for k in SOLVERS if k not in ("consistency", "renoise")), "data"), "target": TARGETS,
                "distance": tuple(DISTANCES), "gan_loss": GAN_LOSSES}
 
-    def __init__(self, *, teacher=None, student=None, num_timesteps: int = 50, solver: str = "ddim",
+    def __init__(self, *, student=None, num_timesteps: int = 50, solver: str = "ddim",
                  guidance_min: float | None = None, guidance_max: float | None = None, target: str = "ema",
                  target_decay: float = 0.95, distance: str = "l2", huber_c: float = 0.001, eta: float = 0.0,
                  timestep_scaling: float = TIMESTEP_SCALING, sigma_data: float = SIGMA_DATA,
@@ -93,6 +93,7 @@ class ConsistencyDistillationLoss(DistillationLoss):
             if discriminator is None:
                 raise FewstepError("adversarial_weight > 0 needs a discriminator")
             self.discriminator = discriminator
+        self.cycle = self.phase_cycle(adversarial_weight=adversarial_weight, discriminator_every=discriminator_every)
         self.phases = self.phases_for(adversarial_weight=adversarial_weight)
         self.target: nn.Module | None = None
         self._target_ema: EMA | None = None
@@ -102,38 +103,32 @@ class ConsistencyDistillationLoss(DistillationLoss):
             self.target = copy.deepcopy(student).requires_grad_(False).eval()
 
     @classmethod
-    def phases_for(cls, **kwargs: Any) -> tuple[str, ...]:
-        return ("student", "discriminator") if cls.settings(**kwargs)["adversarial_weight"] > 0 else ("student",)
+    def phase_cycle(cls, **settings: Any) -> tuple[str, ...]:
+        """The adversarial variant: a discriminator step after every ``discriminator_every - 1`` student steps."""
+        s = cls.settings(**settings)
+        if s["adversarial_weight"] > 0:
+            return ("student",) * (s["discriminator_every"] - 1) + ("discriminator",)
+        return ("student",)
 
     @classmethod
-    def build(cls, *, teacher=None, student=None, schedule=None, pipeline=None, **kwargs: Any) -> "ConsistencyDistillationLoss":
-        if teacher is None and kwargs.get("solver", "ddim") != "data":
+    def from_models(cls, models: Models, **settings: Any) -> "ConsistencyDistillationLoss":
+        s = cls.settings(**settings)
+        if models.teacher is None and s["solver"] != "data":
             raise FewstepError("consistency distillation needs a teacher (teacher.kind is none); only solver: data "
                                "(consistency training on the data) runs without one")
         disc = None
-        if kwargs.get("adversarial_weight", 0.0) > 0:
+        if s["adversarial_weight"] > 0:
             from ..discriminators import XTDiscriminator
 
-            disc = XTDiscriminator.for_denoiser(student)
-        return cls(teacher=teacher, student=student, discriminator=disc, **kwargs)
+            disc = XTDiscriminator.for_denoiser(models.student)
+        return cls(student=models.student, discriminator=disc, **s)
 
     # ------------------------------------------------------------------ protocol
-    def modules_to_train(self) -> dict[str, nn.Module]:
-        return {"discriminator": self.discriminator} if self.adversarial_weight > 0 else {}
-
-    def swap_module(self, name: str, module: nn.Module) -> None:
-        if name == "discriminator" and self.adversarial_weight > 0:
-            self.discriminator = module
-        else:
-            super().swap_module(name, module)
+    def trains(self) -> dict[str, str]:
+        return {"discriminator": "discriminator"} if self.adversarial_weight > 0 else {}
 
     def phase_modules(self, phase: str) -> tuple[str, ...]:
         return (phase,)
-
-    def phase_for(self, step: int) -> str:
-        if self.adversarial_weight > 0 and step % self.discriminator_every == self.discriminator_every - 1:
-            return "discriminator"
-        return "student"
 
     def sampler_settings(self) -> dict[str, Any]:
         """The boundary coefficients' settings, and N: ``spacing: lcm`` picks from the N-point grid trained on."""
@@ -191,11 +186,8 @@ class ConsistencyDistillationLoss(DistillationLoss):
     def _discriminator_step(self, x0, fake, adv_t, adv_eps, student, cond) -> LossOutput:
         real_in = student.schedule.add_noise(x0, adv_eps, adv_t)
         fake_in = student.schedule.add_noise(fake, adv_eps, adv_t)
-        d_real = self.discriminator(real_in, adv_t, cond)
-        d_fake = self.discriminator(fake_in, adv_t, cond)
-        loss = discriminator_loss(d_real, d_fake, self.gan_loss)
-        acc = 0.5 * ((d_real > 0).float().mean() + (d_fake < 0).float().mean())
-        return LossOutput(loss, {"loss": loss.detach(), "disc_accuracy": acc.detach()})
+        loss, logs = critic_step(lambda x: self.discriminator(x, adv_t, cond), real_in, fake_in, self.gan_loss)
+        return LossOutput(loss, {"loss": loss.detach(), **logs})
 
     # ------------------------------------------------------------------ target network
     def on_step_end(self, phase: str, student) -> None:

@@ -7,6 +7,7 @@ import torch
 from ..denoisers import Denoiser
 from ..errors import FewstepError, check_choice
 from ..rng import SampleRNG
+from ..schedules import expand_as
 from .base import DistillationLoss, LossOutput
 
 WEIGHTINGS = ("none", "min_snr")
@@ -53,7 +54,7 @@ class DiffusionLoss(DistillationLoss):
                 raise FewstepError("cond_drop_prob > 0 needs a model with a null condition")
             for k, v in cond.items():
                 null = student.null_cond[k].to(v.device).expand_as(v)
-                mask = drop.reshape(-1, *([1] * (v.ndim - 1)))
+                mask = expand_as(drop, v)
                 cond[k] = torch.where(mask, null, v)
         x_t = student.schedule.add_noise(x0, eps, t)
         pred = student.native(x_t, t, cond)

@@ -33,15 +33,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import FewstepError, check_choice, lookup
-from ..lora import adapters_off
+from ..lora import WIDE_TARGETS, adapters_off
 from ..rng import SampleRNG
-from .base import DistillationLoss, LossOutput
+from ..schedules import expand_as
+from .base import DistillationLoss, LossOutput, Models
+from .gan import critic_step
 
 #: fake-score initializations for network teachers (True) and weightless ones (False)
 FAKE_INITS = {True: ("teacher", "teacher_lora"), False: ("scratch", "student")}
 #: default LoRA targets of a ``teacher_lora`` fake score (diffusers UNet and transformer layer names)
-FAKE_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                     "conv1", "conv2", "time_emb_proj"]
+FAKE_LORA_TARGETS = WIDE_TARGETS
 
 #: h(r) = r^2 f''(r) for each divergence (f-distill, Table 1)
 WEIGHTINGS = {
@@ -63,11 +64,10 @@ def density_ratio(logits: Tensor, clip: tuple[float, float] = (0.1, 20.0)) -> Te
 def dm_loss(x: Tensor, x0_real: Tensor, x0_fake: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(loss, grad): DMD's distribution-matching loss with per-sample weights h (normalized by their mean)."""
     dims = tuple(range(1, x.ndim))
-    shape = (-1, *([1] * (x.ndim - 1)))
     with torch.no_grad():
         w = 1.0 / (x.float() - x0_real).abs().mean(dims, keepdim=True).clamp_min(1e-8)
         if h is not None:
-            w = w * (h / h.mean()).reshape(shape)
+            w = w * expand_as(h / h.mean(), x)
         grad = (x0_fake - x0_real) * w
         target = x.float() - grad
     return 0.5 * F.mse_loss(x.float(), target), grad
@@ -121,20 +121,24 @@ class FDivergenceLoss(DistillationLoss):
     """
 
     phases = ("fake_score", "generator")
+    student_phase = "generator"
     #: a module with its own optimizer settings (``optimizers.discriminator``), a parameter group of fake_score
     groups = ("discriminator",)
     choices = {"divergence": tuple(WEIGHTINGS), "fake_init": (*FAKE_INITS[True], *FAKE_INITS[False])}
-    #: set by ``build`` for ``teacher_lora``: the fake score is the teacher's network with its adapters on
-    fake_shares_teacher = False
+    provided = ("fake_score", "discriminator", "sample_shape", "fake_shares_teacher")
 
     def __init__(self, *, fake_score: Any = None, discriminator: nn.Module | None = None, divergence: str = "reverse_kl",
                  guidance: float | None = None, fake_updates: int = 5,
                  gan_weight: float = 0.0, t_min: float = 0.02, t_max: float = 0.98, steps: int = 1,
                  timesteps: list[int] | None = None, ratio_bins: int = 0, ratio_momentum: float = 0.99, regression_weight: float = 0.0,
                  sample_shape: tuple[int, ...] | None = None, fake_init: str | None = None, fake_lora_rank: int = 64,
-                 fake_lora_targets: list[str] | None = None, fake_from: str | None = None) -> None:
+                 fake_lora_targets: list[str] | None = None, fake_from: str | None = None,
+                 fake_shares_teacher: bool = False) -> None:
         super().__init__()
-        self.fake_lora_rank = fake_lora_rank  # read by `--dry-run`
+        self.fake_init, self.fake_lora_rank = fake_init, fake_lora_rank
+        self.fake_lora_targets = fake_lora_targets or FAKE_LORA_TARGETS
+        #: the fake score is the teacher's network with its LoRA adapters on (``fake_init: teacher_lora``)
+        self.fake_shares_teacher = fake_shares_teacher
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
         self.divergence = divergence
         self.h = lookup(WEIGHTINGS, divergence, "divergence")
@@ -153,46 +157,59 @@ class FDivergenceLoss(DistillationLoss):
         if gan_weight < 0 or regression_weight < 0:
             raise FewstepError("gan_weight and regression_weight must be >= 0")
         self.uses_ratio = divergence != "reverse_kl"
-        self.needs_discriminator = self.uses_ratio or gan_weight > 0
-        if self.needs_discriminator and discriminator is None:
+        needs_discriminator = self.has_discriminator(divergence=divergence, gan_weight=gan_weight)
+        if needs_discriminator and discriminator is None:
             raise FewstepError(f"divergence {divergence} (or gan_weight > 0) needs a discriminator")
         if self.uses_ratio and gan_weight == 0:
             raise FewstepError(f"divergence {divergence} needs gan_weight > 0 (f-distill: the GAN term keeps the "
                                "ratio estimate meaningful); only reverse_kl may run without it")
-        self.discriminator = discriminator if self.needs_discriminator else None
+        self.discriminator = discriminator if needs_discriminator else None
         self.fake_updates = fake_updates
         self.gan_weight, self.t_min, self.t_max, self.steps = gan_weight, t_min, t_max, steps
         self.regression_weight = regression_weight
-        self.needs = ("x0",) if self.needs_discriminator or regression_weight > 0 else ("cond",)
-        self.needs_why = (f" for its discriminator (divergence {divergence}, gan_weight {gan_weight}; only reverse_kl "
-                          "with gan_weight 0 runs on prompts alone)") if self.needs_discriminator else ""
-        self.cycle = ["fake_score"] * fake_updates + ["generator"]
+        if needs_discriminator:
+            self.needs = {"x0": f" for its discriminator (divergence {divergence}, gan_weight {gan_weight}; only "
+                                "reverse_kl with gan_weight 0 runs on prompts alone)"}
+        else:
+            self.needs = {"x0": " for its regression term"} if regression_weight > 0 else {"cond": ""}
+        self.cycle = self.phase_cycle(fake_updates=fake_updates)
         self.ratio_bins, self.ratio_momentum = ratio_bins, ratio_momentum
         self.register_buffer("ratio_mean", torch.ones(max(ratio_bins, 1)))
 
     @classmethod
-    def build(cls, *, teacher=None, student=None, schedule=None, pipeline=None, **kwargs: Any) -> "FDivergenceLoss":
+    def has_discriminator(cls, **settings: Any) -> bool:
+        s = cls.settings(**settings)
+        return s["divergence"] != "reverse_kl" or s["gan_weight"] > 0
+
+    @classmethod
+    def phase_cycle(cls, **settings: Any) -> tuple[str, ...]:
+        """[fake_score] * fake_updates + [generator]: DMD2's two time-scale update rule."""
+        return ("fake_score",) * cls.settings(**settings)["fake_updates"] + ("generator",)
+
+    @classmethod
+    def from_models(cls, models: Models, **settings: Any) -> "FDivergenceLoss":
         """The fake score: a full copy of the teacher's network (a small MLP from scratch for weightless
         teachers); the discriminator: a head on the teacher's features, or on (x_t, t) for toy teachers."""
         from ..discriminators import FeatureDiscriminator, XTDiscriminator
 
+        teacher, student = models.teacher, models.student
         if teacher is None:
             raise FewstepError("f-divergence distillation needs a teacher (teacher.kind is none)")
+        s = cls.settings(**settings)
         T = student.schedule.num_train_timesteps
-        bad = [t for t in kwargs.get("timesteps") or [] if not 0 <= int(t) < T]
+        bad = [t for t in s["timesteps"] or [] if not 0 <= int(t) < T]
         if bad:
             raise FewstepError(f"loss.timesteps {bad} outside the schedule's 0..{T - 1}")
         has_net = hasattr(teacher, "net")
-        init = check_choice(kwargs.get("fake_init") or ("teacher" if has_net else "scratch"),
+        init = check_choice(s["fake_init"] or ("teacher" if has_net else "scratch"),
                             FAKE_INITS[has_net], "fake_init" + ("" if has_net else " (weightless teacher)"))
-        kwargs["fake_init"] = init
+        s["fake_init"] = init
         if init == "teacher_lora":
             from ..lora import default_targets, inject_lora
 
             net = teacher.net
-            targets = default_targets(net, kwargs.pop("fake_lora_targets", None) or FAKE_LORA_TARGETS)
-            inject_lora(net, rank=kwargs.get("fake_lora_rank", 64), alpha=None, target_modules=targets,
-                        adapter_name="fake_score")
+            targets = default_targets(net, s["fake_lora_targets"] or FAKE_LORA_TARGETS)
+            inject_lora(net, rank=s["fake_lora_rank"], alpha=None, target_modules=targets, adapter_name="fake_score")
             for n, p in net.named_parameters():  # adapters train in float32 on a half-precision teacher
                 if "lora_" in n:
                     p.data = p.data.float()
@@ -207,39 +224,29 @@ class FDivergenceLoss(DistillationLoss):
                     if hasattr(m, "reset_parameters"):
                         m.reset_parameters()
             fake.requires_grad_(True)
-        if kwargs.get("fake_from"):
-            load_fake_score(fake.net, kwargs["fake_from"])
+        if s["fake_from"]:
+            load_fake_score(fake.net, s["fake_from"])
         disc = None
-        if kwargs.get("divergence", "reverse_kl") != "reverse_kl" or kwargs.get("gan_weight", 0.0) > 0:
+        if cls.has_discriminator(**s):
             if hasattr(teacher, "net") and hasattr(teacher.net, "mid_block"):
                 disc = FeatureDiscriminator(teacher)
             else:
                 disc = XTDiscriminator.for_denoiser(student)
-        loss = cls(fake_score=fake, discriminator=disc, **kwargs)
-        loss.fake_shares_teacher = init == "teacher_lora"
-        return loss
+        return cls(fake_score=fake, discriminator=disc, sample_shape=models.sample_shape,
+                   fake_shares_teacher=init == "teacher_lora", **s)
 
     # ------------------------------------------------------------------ protocol
-    def modules_to_train(self) -> dict[str, nn.Module]:
-        mods: dict[str, nn.Module] = {"fake_score": self.fake_score.net}
-        if self.discriminator is not None:
-            mods["discriminator"] = self.discriminator
-        return mods
-
-    def swap_module(self, name: str, module: nn.Module) -> None:
-        if name == "fake_score":
-            self.fake_score.net = module
-        elif name == "discriminator" and self.discriminator is not None:
-            self.discriminator = module
-        else:
-            super().swap_module(name, module)
+    def trains(self) -> dict[str, str]:
+        return {"fake_score": "fake_score.net", **({"discriminator": "discriminator"} if self.discriminator is not None else {})}
 
     def phase_modules(self, phase: str) -> tuple[str, ...]:
         critic = ("fake_score", "discriminator") if self.discriminator is not None else ("fake_score",)
         return {"fake_score": critic, "generator": ("student",)}[phase]
 
-    def phase_for(self, step: int) -> str:
-        return self.cycle[step % len(self.cycle)]
+    def lora_alternatives(self) -> dict[str, tuple[int, list[str], str]]:
+        if self.fake_init != "teacher":
+            return {}
+        return {"fake_score": (self.fake_lora_rank, list(self.fake_lora_targets), "fake_init: teacher_lora")}
 
     # ------------------------------------------------------------------ pieces
     def _t_dm(self, rng: SampleRNG, T: int) -> Tensor:
@@ -271,12 +278,12 @@ class FDivergenceLoss(DistillationLoss):
         with torch.set_grad_enabled(grad):
             return student(x_j, ts[j], cond)
 
-    def _base(self, teacher):
-        """The teacher as itself: adapters off when the fake score is LoRA on its network."""
+    def _teacher_as_itself(self, teacher):
+        """The teacher without the fake score's adapters (``teacher_lora``: they sit on its network)."""
         return adapters_off(teacher.net) if self.fake_shares_teacher else contextlib.nullcontext()
 
     def _disc(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
-        with self._base(self.fake_score):
+        with self._teacher_as_itself(self.fake_score):
             return self.discriminator(x_t, t, cond)
 
     def _ratio(self, logits: Tensor, t: Tensor, T: int) -> Tensor:
@@ -309,11 +316,9 @@ class FDivergenceLoss(DistillationLoss):
             logs = {"fake_score_loss": loss.detach()}
             if self.discriminator is not None:  # DMD2: the classifier trains with the fake score, same samples
                 real_t = student.schedule.add_noise(ref.float(), eps, t)
-                d_real, d_fake = self._disc(real_t, t, cond), self._disc(x_t, t, cond)
-                d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+                d_loss, d_logs = critic_step(lambda x: self._disc(x, t, cond), real_t, x_t, "non_saturating")
                 loss = loss + d_loss
-                logs.update(disc_loss=d_loss.detach(),
-                            disc_accuracy=0.5 * ((d_real > 0).float().mean() + (d_fake < 0).float().mean()).detach())
+                logs.update(d_logs)
             return LossOutput(loss, {"loss": loss.detach(), **logs})
         # generator
         x = self.generate(student, z, cond, rng, grad=True)
@@ -321,7 +326,7 @@ class FDivergenceLoss(DistillationLoss):
         logs: dict[str, Any] = {}
         with torch.no_grad():
             guided = self.guidance if (cond is not None and teacher.null_cond is not None) else None
-            with self._base(teacher):
+            with self._teacher_as_itself(teacher):
                 x0_real = teacher(x_t, t, cond, guidance=guided)
             x0_fake = self.fake_score(x_t, t, cond)
             h = None

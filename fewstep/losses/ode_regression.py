@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import FewstepError
-from .base import LossOutput
+from .base import LossOutput, Models
 from .pair_loss import PairLoss
 
 
@@ -33,15 +33,16 @@ class ODERegressionLoss(PairLoss):
         self.timestep = None if timestep is None else int(timestep)
 
     @classmethod
-    def build(cls, *, teacher=None, student=None, schedule=None, pipeline=None, **kwargs: Any) -> "ODERegressionLoss":
+    def from_models(cls, models: Models, **settings: Any) -> "ODERegressionLoss":
+        student = models.student
         T = student.schedule.num_train_timesteps
-        t = kwargs.get("timestep")
+        t = cls.settings(**settings)["timestep"]
         if t is not None and not 0 <= int(t) < T:
             raise FewstepError(f"loss.timestep {t} outside the schedule's 0..{T - 1}")
         if student.schedule.kind != "vp":
             raise FewstepError("ode_regression trains a VP generator at one timestep; a flow student uses "
                                "flow_distill (Euler steps of its velocity)")
-        return super().build(pipeline=pipeline, **kwargs)
+        return super().from_models(models, **settings)
 
     def t_c(self, student) -> int:
         return self.timestep if self.timestep is not None else student.schedule.num_train_timesteps - 1

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..errors import FewstepError, check_choice
-from .base import DistillationLoss
+from .base import DistillationLoss, Models
 from .distances import DISTANCES
 
 #: what a pair loss may compare with: the latent distances, or LPIPS on images
@@ -54,10 +54,11 @@ class PairDistance:
 
 class PairLoss(DistillationLoss):
     """Holds the ``PairDistance`` of the keyword arguments ``distance``, ``huber_c``, ``lpips_weights``, ``decode``;
-    the pipeline's VAE decoder comes from ``build``."""
+    the pipeline's VAE decoder comes from ``from_models``."""
 
     choices = {"distance": PAIR_DISTANCES}
-    needs = ("x0", "noise")
+    needs = {"x0": " (teacher pairs: data.name pairs)", "noise": ""}
+    provided = ("decoder",)
 
     def __init__(self, *, distance: str = "l2", huber_c: float = 0.001, lpips_weights: str | None = None,
                  decode: bool = False, decoder: Any = None) -> None:
@@ -70,5 +71,5 @@ class PairLoss(DistillationLoss):
         PairDistance.check(**kwargs)
 
     @classmethod
-    def build(cls, *, teacher=None, student=None, schedule=None, pipeline=None, **kwargs: Any) -> "PairLoss":
-        return cls(decoder=pipeline.decode_latents if pipeline is not None else None, **kwargs)
+    def from_models(cls, models: Models, **settings: Any) -> "PairLoss":
+        return cls(decoder=models.pipeline.decode_latents if models.pipeline is not None else None, **settings)

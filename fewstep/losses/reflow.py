@@ -11,6 +11,7 @@ import torch
 
 from ..errors import FewstepError, check_choice
 from ..rng import SampleRNG
+from ..schedules import expand_as
 from .base import DistillationLoss, LossOutput
 
 TIME_SAMPLING = ("uniform", "logit_normal")
@@ -34,7 +35,7 @@ class ReflowLoss(DistillationLoss):
 
     choices = {"time_sampling": TIME_SAMPLING}
 
-    needs = ("x0", "noise")
+    needs = {"x0": " (teacher pairs: data.name pairs)", "noise": ""}
 
     def __init__(self, *, time_sampling: str = "uniform", t_eps: float = 1e-3, logit_mean: float = 0.0,
                  logit_std: float = 1.0) -> None:
@@ -53,8 +54,7 @@ class ReflowLoss(DistillationLoss):
         check_flow_student(student, "reflow")
         x1, z = batch["x0"].float(), batch["noise"].float()
         s = self.draw_s(SampleRNG(batch["seeds"], x1.device)).double()
-        shape = (-1, *([1] * (x1.ndim - 1)))
-        x_s = (1 - s.reshape(shape).float()) * x1 + s.reshape(shape).float() * z
+        x_s = (1 - expand_as(s.float(), x1)) * x1 + expand_as(s.float(), x1) * z
         cond = student.batch_cond(batch)
         u = student.native(x_s, s * student.schedule.num_train_timesteps, cond)
         loss = ((u - (z - x1)) ** 2).flatten(1).mean(1).mean()
