@@ -425,6 +425,6 @@ def differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> li
     return out
 
 
-def same_run(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+def run_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Keys that make two recipes different runs (run-length settings excluded)."""
     return [k for k in differing_keys(a, b) if k not in RUN_LENGTH_KEYS]

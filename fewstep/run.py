@@ -17,7 +17,7 @@ import yaml
 
 import torch
 
-from .config import (RUN_LENGTH_KEYS, Recipe, apply_overrides, load_recipe, parse_override, same_run,
+from .config import (RUN_LENGTH_KEYS, Recipe, apply_overrides, load_recipe, parse_override, run_differences,
                      split_stage_overrides, stage_override, validate)
 from .errors import FewstepError
 from .io import write_text_atomic
@@ -80,7 +80,7 @@ def check_run_dir(recipe: Recipe) -> Path:
     overwrite = recipe.train.overwrite
     if saved.exists():
         old = yaml.safe_load(saved.read_text()) or {}
-        diff = same_run(old, recipe.raw)
+        diff = run_differences(old, recipe.raw)
         if diff and not overwrite:
             shown = ", ".join(diff[:4]) + (", ..." if len(diff) > 4 else "")
             raise FewstepError(f"{out} holds a run of a different recipe (differs in {shown}); choose another "
