@@ -18,7 +18,7 @@ real data (x = x0) and of the student's output (x = f_theta(x_t, t)); its update
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,19 @@ from .distances import DISTANCES
 from .gan import GAN_LOSSES, critic_step, generator_loss
 
 TARGETS = ("ema", "online")
+
+
+class Draws(NamedTuple):
+    """One step's random numbers: eps, the grid pair (t, s), the CFG weight w, the stochastic step's z, and the
+    adversarial term's timestep and noise."""
+
+    eps: Tensor
+    t: Tensor
+    s: Tensor
+    w: Tensor | None
+    z: Tensor | None
+    adv_t: Tensor
+    adv_eps: Tensor
 
 
 class ConsistencyDistillationLoss(DistillationLoss):
@@ -145,29 +158,37 @@ class ConsistencyDistillationLoss(DistillationLoss):
         t = (n + 1) * k - 1
         return t, (t - k).clamp_min(0)
 
+    def draws(self, rng: SampleRNG, shape: tuple[int, ...], T: int) -> Draws:
+        """Every random number of a step, per sample, in a fixed order (both phases draw all of them)."""
+        eps = rng.randn(*shape)
+        t, s = self.timesteps(rng, T)
+        w = rng.uniform(*self.guidance) if self.guidance is not None else None
+        z = rng.randn(*shape) if self.eta > 0 else None
+        adv_t = rng.randint(0, T).double()
+        return Draws(eps, t, s, w, z, adv_t, rng.randn(*shape))
+
     def forward(self, phase, batch, student, teacher):
         x0 = batch["x0"].float()
-        rng = SampleRNG(batch["seeds"], x0.device)
-        eps = rng.randn(*x0.shape[1:])
-        t, s = self.timesteps(rng, student.schedule.num_train_timesteps)
-        w = rng.uniform(*self.guidance) if self.guidance is not None else None
-        z = rng.randn(*x0.shape[1:]) if self.eta > 0 else None
-        adv_t = rng.randint(0, student.schedule.num_train_timesteps).double()
-        adv_eps = rng.randn(*x0.shape[1:])
+        d = self.draws(SampleRNG(batch["seeds"], x0.device), tuple(x0.shape[1:]), student.schedule.num_train_timesteps)
         cond = student.batch_cond(batch)
-        x_t = student.schedule.add_noise(x0, eps, t)
+        x_t = student.schedule.add_noise(x0, d.eps, d.t)
         if phase == "discriminator":
             with torch.no_grad():
-                fake = self.f(student, x_t, t, cond, w)
-            return self._discriminator_step(x0, fake, adv_t, adv_eps, student, cond)
+                fake = self.f(student, x_t, d.t, cond, d.w)
+            return self.discriminator_step(x0, fake, d.adv_t, d.adv_eps, student, cond)
+        return self.student_step(x0, x_t, d, student, teacher, cond)
+
+    def student_step(self, x0, x_t, d: Draws, student, teacher, cond) -> LossOutput:
+        """d(f_theta(x_t, t), f_target(x_s, s)) with x_s the teacher's step t -> s (plus the adversarial term)."""
+        t, s, w = d.t, d.s, d.w
         f_theta = self.f(student, x_t, t, cond, w)
         with torch.no_grad():
             guided = w if (cond is not None and teacher is not None and teacher.null_cond is not None) else None
             if self.from_data:
-                x_s = student.schedule.add_noise(x0, eps, s)
+                x_s = student.schedule.add_noise(x0, d.eps, s)
             elif self.eta > 0:
                 x0_hat, eps_hat = teacher.predict(x_t, t, cond, guidance=guided)
-                x_s = ddim_update(teacher.schedule, x0_hat, eps_hat, t, s, eta=self.eta, z=z)
+                x_s = ddim_update(teacher.schedule, x0_hat, eps_hat, t, s, eta=self.eta, z=d.z)
             else:
                 x_s, _ = self.solver.step(teacher, x_t, t, s, cond, guidance=guided)
             target_net = self.target if self.target is not None else student
@@ -176,14 +197,15 @@ class ConsistencyDistillationLoss(DistillationLoss):
         loss = per_sample.mean()
         logs = {"cd_loss": loss.detach()}
         if self.adversarial_weight > 0:
-            x_adv = student.schedule.add_noise(f_theta, adv_eps, adv_t)
-            g = generator_loss(self.discriminator(x_adv, adv_t, cond), self.gan_loss)
+            x_adv = student.schedule.add_noise(f_theta, d.adv_eps, d.adv_t)
+            g = generator_loss(self.discriminator(x_adv, d.adv_t, cond), self.gan_loss)
             loss = loss + self.adversarial_weight * g
             logs["gan_generator"] = g.detach()
         logs["loss"] = loss.detach()
         return LossOutput(loss, logs)
 
-    def _discriminator_step(self, x0, fake, adv_t, adv_eps, student, cond) -> LossOutput:
+    def discriminator_step(self, x0, fake, adv_t, adv_eps, student, cond) -> LossOutput:
+        """The discriminator on noised real data against the noised (detached) consistency output."""
         real_in = student.schedule.add_noise(x0, adv_eps, adv_t)
         fake_in = student.schedule.add_noise(fake, adv_eps, adv_t)
         loss, logs = critic_step(lambda x: self.discriminator(x, adv_t, cond), real_in, fake_in, self.gan_loss)

@@ -37,7 +37,7 @@ from ..lora import WIDE_TARGETS, adapters_off
 from ..rng import SampleRNG
 from ..schedules import expand_as
 from .base import DistillationLoss, LossOutput, Models
-from .gan import critic_step
+from .gan import critic_step, generator_loss
 
 #: fake-score initializations for network teachers (True) and weightless ones (False)
 FAKE_INITS = {True: ("teacher", "teacher_lora"), False: ("scratch", "student")}
@@ -304,23 +304,26 @@ class FDivergenceLoss(DistillationLoss):
         shape = self.sample_shape if ref is None else tuple(ref.shape[1:])
         z = batch["noise"].float() if "noise" in batch else rng.randn(*shape)
         eps = rng.randn(*shape)
-        T = student.schedule.num_train_timesteps
-        t = self._t_dm(rng, T)
-        cond = student.batch_cond(batch)
-        dev = z.device
-        if phase == "fake_score":
-            x = self.generate(student, z, cond, rng, grad=False).detach()
-            x_t = student.schedule.add_noise(x, eps, t)
-            pred = self.fake_score.native(x_t, t, cond)
-            loss = F.mse_loss(pred, self.fake_score.native_target(x, eps, t))
-            logs = {"fake_score_loss": loss.detach()}
-            if self.discriminator is not None:  # DMD2: the classifier trains with the fake score, same samples
-                real_t = student.schedule.add_noise(ref.float(), eps, t)
-                d_loss, d_logs = critic_step(lambda x: self._disc(x, t, cond), real_t, x_t, "non_saturating")
-                loss = loss + d_loss
-                logs.update(d_logs)
-            return LossOutput(loss, {"loss": loss.detach(), **logs})
-        # generator
+        t = self._t_dm(rng, student.schedule.num_train_timesteps)
+        step = lookup({"fake_score": self.fake_score_step, "generator": self.generator_step}, phase, "phase")
+        return step(batch, student, teacher, rng=rng, z=z, eps=eps, t=t, cond=student.batch_cond(batch))
+
+    def fake_score_step(self, batch, student, teacher, *, rng, z, eps, t, cond) -> LossOutput:
+        """The fake score's denoising loss on detached generator samples (and the discriminator's GAN loss)."""
+        x = self.generate(student, z, cond, rng, grad=False).detach()
+        x_t = student.schedule.add_noise(x, eps, t)
+        pred = self.fake_score.native(x_t, t, cond)
+        loss = F.mse_loss(pred, self.fake_score.native_target(x, eps, t))
+        logs = {"fake_score_loss": loss.detach()}
+        if self.discriminator is not None:  # DMD2: the classifier trains with the fake score, same samples
+            real_t = student.schedule.add_noise(batch["x0"].float(), eps, t)
+            d_loss, d_logs = critic_step(lambda x: self._disc(x, t, cond), real_t, x_t, "non_saturating")
+            loss = loss + d_loss
+            logs.update(d_logs)
+        return LossOutput(loss, {"loss": loss.detach(), **logs})
+
+    def generator_step(self, batch, student, teacher, *, rng, z, eps, t, cond) -> LossOutput:
+        """The distribution-matching loss weighted by h(r), plus the GAN and regression terms."""
         x = self.generate(student, z, cond, rng, grad=True)
         x_t = student.schedule.add_noise(x, eps, t)
         logs: dict[str, Any] = {}
@@ -331,20 +334,20 @@ class FDivergenceLoss(DistillationLoss):
             x0_fake = self.fake_score(x_t, t, cond)
             h = None
             if self.uses_ratio:
-                r = self._ratio(self._disc(x_t, t, cond), t, T)
+                r = self._ratio(self._disc(x_t, t, cond), t, student.schedule.num_train_timesteps)
                 h = self.h(r)
                 logs.update(r_mean=r.mean(), r_max=r.max(), h_mean=h.mean(), h_max=h.max())
         loss, grad = dm_loss(x, x0_real, x0_fake, h)
         logs["dm_loss"] = loss.detach()
         logs["dm_grad_norm"] = grad.flatten(1).norm(dim=1).mean()
         if self.gan_weight > 0:
-            g = F.softplus(-self._disc(x_t, t, cond)).mean()
+            g = generator_loss(self._disc(x_t, t, cond), "non_saturating")
             loss = loss + self.gan_weight * g
             logs["gan_generator"] = g.detach()
         if self.regression_weight > 0:
             if "noise" not in batch:
                 raise FewstepError("regression_weight > 0 needs teacher pairs (data.name: pairs)")
-            reg = F.mse_loss(x.float(), ref.float().to(dev))
+            reg = F.mse_loss(x.float(), batch["x0"].float().to(z.device))
             loss = loss + self.regression_weight * reg
             logs["regression"] = reg.detach()
         logs["loss"] = loss.detach()
