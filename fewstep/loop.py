@@ -1,7 +1,7 @@
 """The one distillation loop. It runs any loss object and never asks which one.
 
-``Loop.run`` reads top to bottom: data -> phase -> forward/backward -> step -> EMA -> log -> checkpoint ->
-sample/eval -> export. Per optimizer step: ``phase = loss.phase_for(step)``; for each micro-batch,
+``Loop.run`` reads top to bottom: data -> phase -> forward/backward -> step -> EMA -> log -> sample/eval -> checkpoint ->
+stop (signal, time limit) -> export. Per optimizer step: ``phase = loss.phase_for(step)``; for each micro-batch,
 ``out = loss(phase, batch, student, teacher)`` and ``backward(out.loss / grad_accum)``; clip the phase's
 gradients; step the phase's optimizer and LR schedule; ``loss.on_step_end``; update the student's EMA.
 The pieces live in their own modules: optimizers (fewstep.build.optim, built by the builders),
