@@ -34,7 +34,10 @@ def test_every_loss_keeps_its_defaults_once_in_its_signature():
 
 def test_loop_steps_count_student_updates_as_the_instance_runs_them():
     """The demo's step count (a classmethod of the settings) against the phases an instance runs, counted."""
+    from fewstep.losses import ConsistencyDistillationLoss
     from fewstep.losses.base import Models
+    from fewstep.schedules import VPSchedule
+    from tests.test_consistency import SD, _student
     from tests.test_fdivergence import _setup
 
     for fake_updates in (1, 3):
@@ -43,11 +46,6 @@ def test_loop_steps_count_student_updates_as_the_instance_runs_them():
             steps = type(loss).loop_steps(updates, fake_updates=fake_updates)
             phases = [loss.phase_for(i) for i in range(steps)]
             assert phases.count("generator") == updates and phases[-1] == "generator"
-    from tests.test_consistency import _student
-    from fewstep.losses import ConsistencyDistillationLoss
-    from fewstep.schedules import VPSchedule
-    from tests.test_consistency import SD
-
     cd = ConsistencyDistillationLoss.from_models(Models(None, _student(VPSchedule.from_betas(**SD))), solver="data",
                                                  adversarial_weight=0.1, discriminator_every=3)
     steps = type(cd).loop_steps(7, adversarial_weight=0.1, discriminator_every=3)

@@ -18,7 +18,7 @@ from ..config import Recipe
 from ..denoisers import Denoiser
 from ..errors import FewstepError
 from ..losses.base import DistillationLoss, Models
-from ..networks import freeze_teacher
+from ..networks import TrainedNetworks, freeze_teacher
 from ..settings import LoopSettings
 from ..schedules import Schedule
 from .checks import check_pairs, check_recipe
@@ -27,6 +27,7 @@ from .loss import build_loss, check_data
 from .models import LoadedModel, build_model, cast_teacher, sample_shape
 from .optim import PhaseOptimizer, build_optimizers
 from .pairs import pairs_job
+from .resolve import split_named
 from .sample import make_evaluate, make_export, make_sample_fn, sampler_settings
 from .schedule import schedule_from
 
@@ -77,8 +78,7 @@ def optimizer_specs(recipe: Recipe, loss: DistillationLoss) -> dict[str, PhaseOp
     (``optimizers.NAME`` of a network the phase trains) with their own settings."""
     specs = {}
     for phase in loss.phases:
-        merged = {**recipe.optimizer, **(recipe.optimizers.get(phase) or {})}
-        name = merged.pop("name")
+        name, merged = split_named({**recipe.optimizer, **(recipe.optimizers.get(phase) or {})})
         groups = {g: dict(recipe.optimizers[g]) for g in loss.groups
                   if g in loss.phase_modules(phase) and recipe.optimizers.get(g)}
         specs[phase] = PhaseOptimizer(name, merged, recipe.lr_scheduler.name, recipe.lr_scheduler.warmup_steps, groups)
@@ -98,7 +98,7 @@ def build(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None) -> Bu
                     pipeline=student.pipeline or teacher.pipeline,
                     sample_shape=sample_shape(student) if student.kind != "classifier" else ())
     loss = build_loss(recipe, models, stage_outputs)
-    trained = {"student": student.denoiser.net, **loss.modules_to_train()}
+    trained = TrainedNetworks(student.denoiser, loss).bare  # the names and networks the loop will wrap
     if teacher.denoiser is not None:  # frozen but for what a trained network keeps on it (a LoRA fake score)
         freeze_teacher(teacher.denoiser, list(trained.values()))
     # after the loss: a fake score copied from the teacher starts from its float32 weights (DMD2 keeps its fake

@@ -107,7 +107,7 @@ class ConsistencyDistillationLoss(DistillationLoss):
                 raise FewstepError("adversarial_weight > 0 needs a discriminator")
             self.discriminator = discriminator
         self.cycle = self.phase_cycle(adversarial_weight=adversarial_weight, discriminator_every=discriminator_every)
-        self.phases = self.phases_for(adversarial_weight=adversarial_weight)
+        self.phases = tuple(dict.fromkeys(self.cycle))
         self.target: nn.Module | None = None
         self._target_ema: EMA | None = None
         if self.target_kind == "ema":
