@@ -30,6 +30,11 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
+def wide(v: Tensor) -> Tensor:
+    """``v`` in float32, or float64 if it already is (float64 runs stay float64: the sCM tangent tests)."""
+    return v if v.dtype == torch.float64 else v.float()
+
+
 def expand_as(v: Tensor, x: Tensor) -> Tensor:
     """Reshape a per-sample vector (B,) to broadcast against ``x`` (B, ...)."""
     return v.reshape(-1, *([1] * (x.ndim - 1)))
@@ -45,7 +50,7 @@ def x0_eps_from_native(
     ``v = alpha eps - sigma x0``; flow velocity is ``u = eps - x0``. The formulas are exact for any
     (alpha, sigma), not only alpha^2 + sigma^2 = 1 or alpha + sigma = 1.
     """
-    native, x_t = native.float(), x_t.float()
+    native, x_t = wide(native), wide(x_t)
     if prediction_type == "epsilon":
         eps = native
         x0 = (x_t - sigma * eps) / alpha
@@ -97,7 +102,8 @@ class Schedule:
         if t.ndim == 0:
             t = t.expand(like.shape[0])
         alpha, sigma = self.alpha_sigma(t)
-        return expand_as(alpha.float(), like), expand_as(sigma.float(), like)
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        return expand_as(alpha.to(dtype), like), expand_as(sigma.to(dtype), like)
 
     def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor | float) -> Tensor:
         """x_t = alpha_t x0 + sigma_t eps (computed in float32, returned in x0's dtype)."""
@@ -126,6 +132,10 @@ class Schedule:
 
     def ode_derivative(self, x0: Tensor, eps: Tensor) -> Tensor:
         """dy/dr for the (x0, eps) the denoiser predicts."""
+        raise NotImplementedError
+
+    def t_from_ratio(self, r: Tensor) -> Tensor:
+        """The t whose sigma_t / alpha_t is ``r`` (the inverse of the noise-to-signal ratio), differentiable in ``r``."""
         raise NotImplementedError
 
 
@@ -175,15 +185,28 @@ class VPSchedule(Schedule):
     def alpha_sigma(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
         t = torch.as_tensor(t, dtype=torch.float64)
         table = self.alphas_cumprod.to(t.device)
-        tc = t.clamp(0, self.num_train_timesteps - 1)
-        lo = tc.floor().long()
-        hi = (lo + 1).clamp(max=self.num_train_timesteps - 1)
+        T = self.num_train_timesteps
+        tc = t.clamp(0, T - 1)
+        lo = tc.floor().long().clamp(max=T - 2)
         frac = tc - lo.to(torch.float64)
-        # Integer t reads the table exactly; fractional t interpolates log alphā linearly.
-        log_ab = torch.log(table[lo].clamp_min(1e-300)) * (1 - frac) + torch.log(table[hi].clamp_min(1e-300)) * frac
-        ab = torch.where(frac == 0, table[lo], torch.exp(log_ab))
+        # log alphā is linear between integer t: alphā = alphā[lo] exp(frac (log alphā[lo+1] - log alphā[lo])). Integer t
+        # reads the table exactly (exp(0) = 1), and the derivative in t is the segment's slope everywhere, which the
+        # continuous-time tangent (sCM, forward-mode AD through this function) needs.
+        log_lo, log_hi = (torch.log(table[i].clamp_min(1e-300)) for i in (lo, lo + 1))
+        ab = table[lo] * torch.exp(frac * (log_hi - log_lo))
+        ab = torch.where(frac == 1, table[lo + 1] + (ab - ab.detach()), ab)  # t = T - 1: the last entry, its slope kept
         ab = torch.where(t < 0, torch.full_like(ab, self.final_alpha_cumprod), ab)
         return ab.sqrt(), (1 - ab).clamp_min(0).sqrt()
+
+    def t_from_ratio(self, r: Tensor) -> Tensor:
+        """The t (float64, within [0, T-1]) whose sigma/alpha is ``r``: the inverse of ``alpha_sigma``'s interpolation,
+        differentiable in ``r`` (alphā = 1 / (1 + r^2), then the segment of log alphā that holds it)."""
+        r = torch.as_tensor(r, dtype=torch.float64)
+        log_table = torch.log(self.alphas_cumprod.to(r.device).clamp_min(1e-300))
+        target = (-torch.log1p(r * r)).clamp(min=float(log_table[-1]), max=float(log_table[0]))
+        # log alphā decreases in t: segment lo holds the target when log_table[lo] >= target >= log_table[lo + 1]
+        lo = (torch.searchsorted(-log_table, -target.detach(), right=True) - 1).clamp(0, len(log_table) - 2)
+        return lo.to(torch.float64) + (target - log_table[lo]) / (log_table[lo + 1] - log_table[lo])
 
     def timesteps(self, num_steps: int, spacing: str | None = None, original_steps: int = 50) -> Tensor:
         """Timesteps as diffusers' DDIMScheduler.set_timesteps computes them for the same spacing."""
@@ -238,6 +261,11 @@ class FlowSchedule(Schedule):
     def alpha_sigma(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
         s = (torch.as_tensor(t, dtype=torch.float64) / self.num_train_timesteps).clamp(0, 1)
         return 1 - s, s
+
+    def t_from_ratio(self, r: Tensor) -> Tensor:
+        """The t whose sigma/alpha = s / (1 - s) is ``r`` (float64): s = r / (1 + r)."""
+        r = torch.as_tensor(r, dtype=torch.float64)
+        return self.num_train_timesteps * r / (1 + r)
 
     def shifted(self, s: np.ndarray) -> np.ndarray:
         return self.shift * s / (1 + (self.shift - 1) * s)

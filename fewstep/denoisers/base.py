@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import FewstepError, check_choice
-from ..schedules import PREDICTION_TYPES, Schedule, expand_as, native_from_x0_eps, x0_eps_from_native
+from ..schedules import PREDICTION_TYPES, Schedule, expand_as, native_from_x0_eps, wide, x0_eps_from_native
 
 Cond = Mapping[str, Tensor]
 Guidance = float | Tensor | None
@@ -131,19 +131,19 @@ class Denoiser(nn.Module):
         if self.guidance_embedding_dim is not None:
             w = _batch(1.0 if guidance is None else guidance, n, x_t.device).float()
             emb = guidance_embedding(w - 1.0, self.guidance_embedding_dim)
-            return self._call(x_t, t, cond, emb).float()
+            return wide(self._call(x_t, t, cond, emb))
         if guidance is None:
-            return self._call(x_t, t, cond, None).float()
+            return wide(self._call(x_t, t, cond, None))
         w = _batch(guidance, n, x_t.device).float()
         if bool((w == 1).all()):
-            return self._call(x_t, t, cond, None).float()
+            return wide(self._call(x_t, t, cond, None))
         if cond is None:
             raise FewstepError("classifier-free guidance needs a condition (cond is None)")
         uncond = uncond if uncond is not None else self.null_cond
         if uncond is None:
             raise FewstepError(f"{type(self).__name__} has no null condition; set null_cond to use guidance")
         both = self._call(torch.cat([x_t, x_t]), torch.cat([t, t]), _stack_cond(uncond, cond, n), None)
-        pred_u, pred_c = both.float().chunk(2)
+        pred_u, pred_c = wide(both).chunk(2)
         w = expand_as(w, x_t)
         return pred_u + w * (pred_c - pred_u)
 

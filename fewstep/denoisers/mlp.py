@@ -29,7 +29,7 @@ class MLPNet(ModelMixin, ConfigMixin):
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
 
     def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        args = c_noise.float()[:, None] * self.freqs[None]
+        args = c_noise.to(self.freqs.dtype)[:, None] * self.freqs[None]
         h_t = self.embed(torch.cat([args.sin(), args.cos()], dim=1))
         if self.class_embed is not None:
             labels = class_labels if class_labels is not None else torch.full_like(c_noise, self.config.num_classes).long()
@@ -66,9 +66,9 @@ class MLPDenoiser(Denoiser):
 
     def network_output(self, x_t: Tensor, t: Tensor, cond: Cond | None, timestep_cond: Tensor | None) -> Tensor:
         labels = (cond or {}).get("class_labels")
-        x_t = x_t.float()
+        x_t = x_t.double() if self.net_dtype == torch.float64 else x_t.float()  # float64 only for float64 nets
         if self.precondition == "none":
-            return self.net(x_t, t.float() / self.schedule.num_train_timesteps, labels)
+            return self.net(x_t, t.to(x_t.dtype) / self.schedule.num_train_timesteps, labels)
         alpha, sigma = self.schedule.coefficients(t, x_t)
         s = sigma / alpha
         sd2 = self.sigma_data**2
