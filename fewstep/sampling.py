@@ -6,6 +6,7 @@ Settings a loss adds (``DistillationLoss.sampler_settings``):
 - consistency (LCM): ``timestep_scaling`` and ``sigma_data`` of the boundary coefficients c_skip, c_out, and
   ``original_steps`` N, the skipping-step grid ``spacing: lcm`` picks from (LCMScheduler's
   ``original_inference_steps``);
+- sCM: ``sigma_data``, the TrigFlow scale its ``spacing: trigflow`` grid is laid out in;
 - f-distill / DMD2: ``timesteps``, the generator's own timesteps (DMD2 SDXL's one step at
   ``conditioning_timestep`` 399 from pure noise).
 """
@@ -34,6 +35,11 @@ def sampler_grid(schedule: Schedule, settings: dict[str, Any], steps: int | None
     """The grid a sampler visits: the model's trained ``timesteps`` when asked for that many steps, else the
     schedule's grid for ``steps`` (default the model's) with its spacing (``lcm``: from ``original_steps``)."""
     n = steps or settings["steps"]
+    if settings.get("spacing") == "trigflow":  # sCM students: diffusers' SCMScheduler grid in TrigFlow time
+        from .denoisers.trigflow import trigflow_timesteps
+
+        ts = trigflow_timesteps(schedule, n, settings.get("sigma_data") or 0.5)
+        return torch.cat([ts, torch.tensor([schedule.t_clean], dtype=torch.float64)])
     fixed = settings.get("timesteps")
     if fixed is not None and len(fixed) == n:
         return torch.tensor([*(float(t) for t in fixed), schedule.t_clean], dtype=torch.float64)
