@@ -203,7 +203,10 @@ class VPSchedule(Schedule):
         differentiable in ``r`` (alphā = 1 / (1 + r^2), then the segment of log alphā that holds it)."""
         r = torch.as_tensor(r, dtype=torch.float64)
         log_table = torch.log(self.alphas_cumprod.to(r.device).clamp_min(1e-300))
-        target = (-torch.log1p(r * r)).clamp(min=float(log_table[-1]), max=float(log_table[0]))
+        target = -torch.log1p(r * r)
+        # clamped into the table's range, keeping the derivative (a clamp's would be zero at the range's ends, where a
+        # proposal clipped to the range puts its samples)
+        target = target + (target.clamp(min=float(log_table[-1]), max=float(log_table[0])) - target).detach()
         # log alphā decreases in t: segment lo holds the target when log_table[lo] >= target >= log_table[lo + 1]
         lo = (torch.searchsorted(-log_table, -target.detach(), right=True) - 1).clamp(0, len(log_table) - 2)
         return lo.to(torch.float64) + (target - log_table[lo]) / (log_table[lo + 1] - log_table[lo])

@@ -101,6 +101,18 @@ def test_fdistill_two_processes_match_one(tmp_path):
             assert max_diff(weights(tmp_path / "two" / stage, 3, group), weights(tmp_path / "one" / stage, 3, group)) < 1e-5
 
 
+@pytest.mark.slow
+def test_scm_two_processes_match_one(tmp_path):
+    """sCM (its JVP tangent through the DDP-wrapped student, the adaptive weight a second trained network): three
+    steps on 2 processes x 8 equal 1 x 16 for the student and the weighting (1e-5), after the pre-training stage."""
+    common = ["gmm_scm", "train.max_steps=3", "train.batch_size=16", *QUIET]
+    torchrun(["distill", *common, f"train.output_dir={tmp_path / 'two'}"])
+    assert main(["distill", *common, f"train.output_dir={tmp_path / 'one'}"]) == 0
+    for group in ("student", "module.weighting"):
+        assert max_diff(weights(tmp_path / "two" / "scm", 3, group), weights(tmp_path / "one" / "scm", 3, group)) < 1e-5
+    assert float(weights(tmp_path / "two" / "scm", 3, "module.weighting")["linear.bias"].abs()) > 0  # it trained
+
+
 def test_batch_that_does_not_split_is_refused(tmp_path):
     done = launch(["distill", "gmm_teacher", "train.batch_size=5", "train.max_steps=1", *QUIET,
                    f"train.output_dir={tmp_path / 'odd'}"])

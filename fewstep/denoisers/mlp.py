@@ -19,9 +19,13 @@ class MLPNet(ModelMixin, ConfigMixin):
     """F(x, c_noise, class) with a Fourier embedding of the noise level; ``num_classes`` adds a null class."""
 
     @register_to_config
-    def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 4, num_classes: int = 0, embed_dim: int = 64):
+    def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 4, num_classes: int = 0, embed_dim: int = 64,
+                 max_frequency: float = 1000.0):
         super().__init__()
-        self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(1000.0), embed_dim // 2)), persistent=False)
+        # frequencies 1 .. max_frequency; a continuous-time consistency student wants a small one (sCM sec. 4.1: a
+        # high-frequency time embedding makes the tangent dF/dt, and training, unstable)
+        self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(max_frequency), embed_dim // 2)),
+                             persistent=False)
         self.embed = nn.Sequential(nn.Linear(embed_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.class_embed = nn.Embedding(num_classes + 1, hidden) if num_classes else None
         self.inp = nn.Linear(dim, hidden)

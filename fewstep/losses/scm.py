@@ -14,7 +14,8 @@ The gradient is the paper's: at theta = theta^-, d loss / d theta = -2 prior e^{
 Forward-mode AD needs two work-arounds on today's torch, both applied only inside the JVP: CPU's default
 scaled-dot-product attention kernel has no forward derivative (the math backend is used; it costs more), and
 group_norm's forward derivative fails on non-contiguous inputs (UNet2DModel's mid-block attention hands it one; a
-contiguous copy is made first).
+contiguous copy is made first). The JVP also runs outside autocast (in float32): autocast casts the weights of a
+dual-tensor op but not its tangent.
 """
 from __future__ import annotations
 
@@ -60,7 +61,10 @@ def forward_ad_safe() -> Iterator[None]:
 def jvp(fn: Callable[[Tensor, Tensor], Tensor], primals: tuple[Tensor, Tensor],
         tangents: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     """(fn(x, t), d/de fn(x + e v_x, t + e v_t) at e = 0) by forward-mode AD, without gradients to parameters."""
-    with torch.no_grad(), fwAD.dual_level(), forward_ad_safe():
+    device = primals[0].device.type
+    # outside autocast: autocast casts a dual tensor's weights but not its tangent ("input type float, weight type
+    # bfloat16" on CPU), so the JVP runs in the inputs' precision
+    with torch.no_grad(), torch.autocast(device, enabled=False), fwAD.dual_level(), forward_ad_safe():
         out = fn(*(fwAD.make_dual(p, v.to(p.dtype)) for p, v in zip(primals, tangents)))
         primal, tangent = fwAD.unpack_dual(out)
     if tangent is None:  # fn does not depend on its inputs

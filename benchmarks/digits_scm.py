@@ -1,0 +1,50 @@
+"""Digits: the sCM student beside the demo's LCM student, both built as `fewstep demo` builds its students.
+
+    python benchmarks/digits_scm.py [--out runs/digits_scm_bench] [--updates 300] [--num 1000]
+
+The shipped digits teacher, the demo's budget (``--updates`` student updates at batch 32, a fixed EMA 0.99) for the
+digits_cd and digits_scm recipes, then `fewstep bench`'s digits FD (and KID, latency) at 1 and 2 steps, in one
+report (OUT/report/report.md). Training time per student is printed (CPU seconds in this process).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from fewstep.commands.bench import entries, measure_into, refuse_existing
+from fewstep.commands.demo import FULL, final_dir, student_recipe, teacher_dir
+from fewstep.io import atomic_dir
+from fewstep.run import run_recipe
+
+METHODS = (("consistency", "digits_cd"), ("scm", "digits_scm"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="runs/digits_scm_bench")
+    ap.add_argument("--updates", type=int, default=FULL["updates"])
+    ap.add_argument("--num", type=int, default=FULL["num"])
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    out = Path(args.out)
+    refuse_existing(out / "report")
+    settings = {**FULL, "updates": args.updates, "num": args.num, "seed": args.seed}
+    teacher = teacher_dir(out)
+    students = []
+    for name, recipe_name in METHODS:
+        recipe = student_recipe(name, recipe_name, [], False, teacher, out, settings)
+        start = time.process_time()
+        result = run_recipe(recipe)
+        print(f"{name}: {result.status} after {settings['updates']} updates, {time.process_time() - start:.1f} CPU s")
+        students.append(f"{name}={final_dir(recipe, out, name)}")
+    bench = argparse.Namespace(teacher=str(teacher), teacher_steps="1,2", student=students, student_steps="1,2",
+                               num=settings["num"], seed=0, reference="digits", features=None, inception_weights=None,
+                               repeats=3, warmup=1, throughput_batch=64)
+    with atomic_dir(out / "report") as tmp:
+        measure_into(bench, entries(bench), tmp)
+    print((out / "report" / "report.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
