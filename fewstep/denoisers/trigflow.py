@@ -26,6 +26,16 @@ from .base import Cond, Denoiser, Guidance
 T_HAT_EDGE = 1e-4
 
 
+def trig_coefficients(t_hat: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    """(cos t_hat, sin t_hat) in ``like``'s dtype, shaped to broadcast against it (B, ...)."""
+    return expand_as(torch.cos(t_hat).to(like.dtype), like), expand_as(torch.sin(t_hat).to(like.dtype), like)
+
+
+def noisiest_time(schedule: Schedule) -> float:
+    """The schedule's noisiest native time: T - 1 (VP table) or T (flow, s = 1)."""
+    return float(schedule.num_train_timesteps - (1 if schedule.kind == "vp" else 0))
+
+
 def trig_time(schedule: Schedule, t: Tensor | float, sigma_data: float) -> Tensor:
     """t_hat = atan2(sigma_t, alpha_t sigma_d) (float64) for native time ``t``."""
     alpha, sigma = schedule.alpha_sigma(torch.as_tensor(t, dtype=torch.float64))
@@ -39,9 +49,8 @@ def native_time(schedule: Schedule, t_hat: Tensor, sigma_data: float) -> Tensor:
 
 def trig_range(schedule: Schedule, sigma_data: float) -> tuple[float, float]:
     """(t_hat_min, t_hat_max): the TrigFlow times the schedule's native range [0, T - 1] (VP) or [0, T] (flow) covers."""
-    top = schedule.num_train_timesteps - (1 if schedule.kind == "vp" else 0)
     lo = float(trig_time(schedule, torch.tensor([0.0]), sigma_data))
-    hi = float(trig_time(schedule, torch.tensor([float(top)]), sigma_data))
+    hi = float(trig_time(schedule, torch.tensor([noisiest_time(schedule)]), sigma_data))
     return max(lo, T_HAT_EDGE), min(hi, math.pi / 2 - T_HAT_EDGE)
 
 
@@ -70,7 +79,7 @@ class TrigFlowView:
     def velocity(self, x_hat: Tensor, t_hat: Tensor, cond: Cond | None = None, *, guidance: Guidance = None) -> Tensor:
         """sigma_d F = dx_hat/dt_hat = (cos(t_hat) x_hat - x0_hat) / sin(t_hat) (sCM eq. 2 with v = cos z - sin x0)."""
         x0 = self.x0(x_hat, t_hat, cond, guidance=guidance)
-        cos, sin = (expand_as(v.to(x_hat.dtype), x_hat) for v in (torch.cos(t_hat), torch.sin(t_hat)))
+        cos, sin = trig_coefficients(t_hat, x_hat)
         return (cos * x_hat - x0) / sin
 
     def F(self, x_hat: Tensor, t_hat: Tensor, cond: Cond | None = None, *, guidance: Guidance = None) -> Tensor:
@@ -80,7 +89,7 @@ class TrigFlowView:
 
 def consistency_from_F(F: Tensor, x_hat: Tensor, t_hat: Tensor, sigma_data: float) -> Tensor:
     """f(x_hat, t_hat) = cos(t_hat) x_hat - sin(t_hat) sigma_d F (sCM eq. 9): the TrigFlow consistency function."""
-    cos, sin = (expand_as(v.to(x_hat.dtype), x_hat) for v in (torch.cos(t_hat), torch.sin(t_hat)))
+    cos, sin = trig_coefficients(t_hat, x_hat)
     return cos * x_hat - sin * sigma_data * F
 
 
@@ -95,7 +104,7 @@ def trigflow_timesteps(schedule: Schedule, num_steps: int, sigma_data: float = 0
     linspace(pi/2, 0, num_steps + 1); VP timesteps are rounded to integers, as a pipeline's scheduler indexes them."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be at least 1, got {num_steps}")
-    top = float(schedule.num_train_timesteps - (1 if schedule.kind == "vp" else 0))
+    top = noisiest_time(schedule)
     inner = [intermediate] if num_steps == 2 else torch.linspace(trig_range(schedule, sigma_data)[1], 0, num_steps + 1)[1:-1].tolist()
     ts = [top, *(float(native_time(schedule, torch.tensor([t], dtype=torch.float64), sigma_data)) for t in inner)]
     if schedule.kind == "vp":

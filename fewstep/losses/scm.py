@@ -30,7 +30,7 @@ import torch.nn.functional as nnF
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from ..denoisers.trigflow import TrigFlowView, trig_range
+from ..denoisers.trigflow import T_HAT_EDGE, TrigFlowView, trig_coefficients, trig_range
 from ..errors import FewstepError, check_choice
 from ..rng import SampleRNG
 from ..schedules import expand_as
@@ -77,7 +77,7 @@ def scm_tangent(F_minus: Tensor, F_jvp: Tensor, x_t: Tensor, dxt_dt: Tensor, t: 
                 r: float = 1.0) -> Tensor:
     """g = -cos^2 t (sigma_d F^- - dx_t/dt) - r cos t sin t x_t - r sigma_d F_jvp, with F_jvp = cos t sin t dF^-/dt
     (sCM Algorithm 1, "JVP rearrangement"); g = cos t df^-/dt when r = 1."""
-    cos, sin = (expand_as(v.to(x_t.dtype), x_t) for v in (torch.cos(t), torch.sin(t)))
+    cos, sin = trig_coefficients(t, x_t)
     return -cos * cos * (sigma_data * F_minus - dxt_dt) - r * (cos * sin * x_t + sigma_data * F_jvp)
 
 
@@ -134,7 +134,7 @@ class SCMLoss(DistillationLoss):
                  tangent_warmup_steps: int = 10000, tangent_c: float = 0.1, tangent_norm: str = "rms",
                  prior_weighting: bool = True, guidance_min: float | None = None, guidance_max: float | None = None,
                  weight_features: int = 128, weighting: AdaptiveWeight | None = None,
-                 t_range: tuple[float, float] = (1e-4, math.pi / 2 - 1e-4)) -> None:
+                 t_range: tuple[float, float] = (T_HAT_EDGE, math.pi / 2 - T_HAT_EDGE)) -> None:
         super().__init__()
         if sigma_data <= 0 or p_std <= 0 or tangent_c < 0:
             raise FewstepError(f"sigma_data and p_std must be positive and tangent_c >= 0 (got {sigma_data}, {p_std}, "
@@ -187,7 +187,7 @@ class SCMLoss(DistillationLoss):
         x0 = batch["x0"].float()
         t, z, w = self.draws(SampleRNG(batch["seeds"], x0.device), tuple(x0.shape[1:]))
         cond = student.batch_cond(batch)
-        cos, sin = (expand_as(v.float(), x0) for v in (torch.cos(t), torch.sin(t)))
+        cos, sin = trig_coefficients(t, x0)
         x_t = cos * x0 + sin * z
         with torch.no_grad():
             guided = w if (cond is not None and teacher.null_cond is not None) else None
