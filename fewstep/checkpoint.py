@@ -120,17 +120,24 @@ def checkpoint_dirs(root: Path) -> list[Path]:
                   key=lambda p: int(p.name[len(PREFIX):]))
 
 
+def checkpoint_path(root: Path, step: int) -> Path:
+    return root / f"{PREFIX}{step:08d}"
+
+
 def save_checkpoint(root: Path, step: int, groups: dict[str, dict[str, Tensor]], state: dict[str, Any],
-                    keep: int = 2) -> Path:
-    """Write ``groups`` (name -> tensors) and JSON ``state`` as checkpoint ``step``; keep the newest ``keep``."""
+                    keep: int = 2, tmp: Path | None = None) -> Path:
+    """Write ``groups`` (name -> tensors) and JSON ``state`` as checkpoint ``step``; keep the newest ``keep``.
+    ``tmp``: a temporary directory that already holds other files of the checkpoint (a sharded one's shards,
+    written by every process); they are hashed with the rest and renamed with it."""
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    final = checkpoint_path(root, step)
+    if tmp is None:
+        tmp = root / f".{final.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
     try:
-        hashes = {}
+        hashes = {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
         for name, tensors in groups.items():
             path = save_safetensors_atomic(tensors, tmp / f"{name}.safetensors")
             hashes[path.name] = _sha256(path)
@@ -177,7 +184,8 @@ def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, Tensor]], dict[str,
     if problem:
         raise FewstepError(f"checkpoint {path} is damaged: {problem}")
     meta = json.loads((path / "state.json").read_text())
-    groups = {Path(name).stem: load_file(str(path / name)) for name in meta["files"]}
+    groups = {Path(name).stem: load_file(str(path / name)) for name in meta["files"]
+              if "/" not in name and name.endswith(".safetensors")}
     return groups, meta["state"]
 
 
@@ -220,6 +228,22 @@ class TrainState:
     def _group(name: str) -> str:
         return "student" if name == "student" else f"module.{name}"
 
+    def _flat_groups(self, kinds: tuple[str, ...]) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
+        """The state dicts of ``kinds`` ("optim", "sched") by phase, and the RNG, split into tensors and skeletons."""
+        groups, skeletons = {}, {}
+        for kind in kinds:
+            for phase, obj in {"optim": self.optimizers, "sched": self.lr_schedulers}[kind].items():
+                skeletons[f"{kind}.{phase}"], tensors = flatten_state(obj.state_dict(), f"{kind}.{phase}")
+                if tensors:
+                    groups[f"{kind}.{phase}"] = tensors
+        skeletons["rng"], groups["rng"] = flatten_state(rng_state(), "rng")
+        return groups, skeletons
+
+    def _meta(self, skeletons: dict[str, Any], **more: Any) -> dict[str, Any]:
+        return {"format": FORMAT, "step": self.step, "phase_steps": self.phase_steps, "skeletons": skeletons,
+                "fingerprint": self.fingerprint, "best": self.best,
+                "ema_updates": self.ema.updates if self.ema is not None else 0, **more}
+
     def to_groups(self) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
         groups = {self._group(n): trained_state(m) for n, m in self.networks.items()}
         if self.ema is not None:
@@ -227,29 +251,40 @@ class TrainState:
         extra = self.loss.extra_state()
         if extra:
             groups["loss_state"] = extra
-        skeletons = {}
-        for kind, objects in (("optim", self.optimizers), ("sched", self.lr_schedulers)):
-            for phase, obj in objects.items():
-                skeletons[f"{kind}.{phase}"], tensors = flatten_state(obj.state_dict(), f"{kind}.{phase}")
-                if tensors:
-                    groups[f"{kind}.{phase}"] = tensors
-        skeletons["rng"], groups["rng"] = flatten_state(rng_state(), "rng")
-        state = {"format": FORMAT, "step": self.step, "phase_steps": self.phase_steps, "skeletons": skeletons,
-                 "fingerprint": self.fingerprint, "best": self.best,
-                 "ema_updates": self.ema.updates if self.ema is not None else 0}
-        return groups, state
+        flat, skeletons = self._flat_groups(("optim", "sched"))
+        return {**groups, **flat}, self._meta(skeletons)
 
     def save(self, root: Path, keep: int) -> Path:
         groups, state = self.to_groups()
         return save_checkpoint(root, self.step, groups, state, keep=keep)
 
-    def restore(self, path: Path) -> None:
-        """Load checkpoint ``path`` into the networks, EMA, loss, optimizers, LR schedules and RNGs."""
+    def _open(self, path: Path, sharded: bool) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
+        """An intact checkpoint of this format and kind (sharded or not), or one line saying why it does not resume."""
         groups, state = load_checkpoint(path)
         if state.get("format") != FORMAT:
             raise FewstepError(f"checkpoint {path} was written by a fewstep before its loop redesign (format "
                                f"{state.get('format', 1)}, this one reads {FORMAT}) and cannot resume; start over with "
                                "train.overwrite=true, or finish the run with the fewstep version that wrote it")
+        if bool(state.get("sharded")) != sharded:
+            was, now = ("fsdp", "ddp") if state.get("sharded") else ("ddp", "fsdp")
+            raise FewstepError(f"checkpoint {path} was written with train.parallel={was} and this run uses {now}; "
+                               f"resume it with train.parallel={was}")
+        return groups, state
+
+    def _restore_rest(self, groups: dict[str, dict[str, Tensor]], state: dict[str, Any], kinds: tuple[str, ...]) -> None:
+        """The flattened state dicts of ``kinds``, the RNG and the counters."""
+        sk = state["skeletons"]
+        for kind in kinds:
+            for phase, obj in {"optim": self.optimizers, "sched": self.lr_schedulers}[kind].items():
+                obj.load_state_dict(unflatten_state(sk[f"{kind}.{phase}"], groups.get(f"{kind}.{phase}", {})))
+        set_rng_state(unflatten_state(sk["rng"], groups["rng"]))
+        self.step = int(state["step"])
+        self.phase_steps = dict(state["phase_steps"])
+        self.best = state.get("best")
+
+    def restore(self, path: Path) -> None:
+        """Load checkpoint ``path`` into the networks, EMA, loss, optimizers, LR schedules and RNGs."""
+        groups, state = self._open(path, sharded=False)
         for name, net in self.networks.items():
             saved = groups.get(self._group(name), {})
             if set(saved) != set(trained_state(net)):
@@ -260,11 +295,4 @@ class TrainState:
                 raise FewstepError(f"checkpoint {path} has no EMA weights but train.ema_decay is set")
             self.ema.load_state_dict(groups["ema"], self.ema_names, state["ema_updates"])
         self.loss.load_extra_state(groups.get("loss_state", {}))
-        sk = state["skeletons"]
-        for kind, objects in (("optim", self.optimizers), ("sched", self.lr_schedulers)):
-            for phase, obj in objects.items():
-                obj.load_state_dict(unflatten_state(sk[f"{kind}.{phase}"], groups.get(f"{kind}.{phase}", {})))
-        set_rng_state(unflatten_state(sk["rng"], groups["rng"]))
-        self.step = int(state["step"])
-        self.phase_steps = dict(state["phase_steps"])
-        self.best = state.get("best")
+        self._restore_rest(groups, state, ("optim", "sched"))

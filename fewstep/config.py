@@ -20,7 +20,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from .errors import FewstepError, check_choice
-from .settings import LoopSettings
+from .settings import PARALLEL, TEACHER_PLACEMENT, LoopSettings
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -284,6 +284,8 @@ def validate(raw: dict[str, Any]) -> Recipe:
     check_choice(train.mixed_precision, MIXED_PRECISIONS, "train.mixed_precision")
     check_choice(train.teacher_dtype, DTYPES, "train.teacher_dtype")
     check_choice(train.nonfinite, ("stop", "skip"), "train.nonfinite")
+    check_choice(train.parallel, PARALLEL, "train.parallel")
+    check_choice(train.fsdp_teacher, TEACHER_PLACEMENT, "train.fsdp_teacher")
     for key in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every"):
         if getattr(train, key) < 1:
             raise FewstepError(f"train.{key} must be at least 1, got {getattr(train, key)}")

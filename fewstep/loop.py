@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -35,6 +35,10 @@ from .logwindow import LogWindow
 from .losses.base import DistillationLoss
 from .networks import TrainedNetworks, trainable
 from .settings import LoopSettings
+from .sharded_checkpoint import ShardedTrainState
+
+if TYPE_CHECKING:
+    from .sharding import Sharded
 
 
 @dataclass
@@ -83,9 +87,9 @@ def start_accelerator(settings: LoopSettings):
         raise FewstepError(f"accelerate cannot start: {str(e).splitlines()[0]}") from None
     kind = acc.distributed_type.value
     if kind != "NO" and not kind.startswith("MULTI_"):
-        raise FewstepError(f"accelerate's distributed_type {kind} is not supported (checkpoints and the EMA read whole, "
-                           "unsharded parameters); use DistributedDataParallel: distributed_type MULTI_GPU "
-                           "(recipes/accelerate/)")
+        raise FewstepError(f"accelerate's distributed_type {kind} is not supported (fewstep shards with FSDP2 itself, and "
+                           "accelerate's would wrap the networks twice); launch with distributed_type MULTI_GPU "
+                           "(recipes/accelerate/) and set train.parallel=fsdp to shard")
     if settings.batch_size % acc.num_processes:
         raise FewstepError(f"train.batch_size {settings.batch_size} does not split evenly across {acc.num_processes} "
                            f"processes; use a multiple of {acc.num_processes} (it is the batch of all processes together)")
@@ -126,9 +130,14 @@ class Loop:
         self.networks = TrainedNetworks(student, loss)
         for net in self.networks.bare.values():
             net.train()
-        # DistributedDataParallel when several processes run; the forward autocast prepare adds is dropped: the
-        # loss runs under the loop's autocast, and a float16 teacher opts out of it
-        self.networks.prepare(self._wrap)
+        self.sharded: Sharded | None = None
+        self._own_group = False
+        if settings.parallel == "fsdp":
+            self._shard(optimizers)
+        else:
+            # DistributedDataParallel when several processes run; the forward autocast prepare adds is dropped: the
+            # loss runs under the loop's autocast, and a float16 teacher opts out of it
+            self.networks.prepare(self._wrap)
         self.optimizers = {p: self.acc.prepare_optimizer(o) for p, o in optimizers.items()}
         self.lr_schedulers = lr_schedulers
         self.phase_params = {p: [q for g in o.param_groups for q in g["params"]] for p, o in optimizers.items()}
@@ -136,13 +145,41 @@ class Loop:
         self.student_params = list(student_trainable.values())  # cached: walking modules each step is slow
         self.ema = EMA(self.student_params, settings.ema_decay, warmup=settings.ema_warmup) \
             if settings.ema_decay is not None else None
-        self.state = TrainState(networks=self.networks.bare, optimizers=self.optimizers, lr_schedulers=lr_schedulers,
-                                loss=loss, ema=self.ema, ema_names=list(student_trainable), fingerprint=fingerprint)
+        state_kwargs = dict(networks=self.networks.bare, optimizers=self.optimizers, lr_schedulers=lr_schedulers,
+                            loss=loss, ema=self.ema, ema_names=list(student_trainable), fingerprint=fingerprint)
+        self.state = TrainState(**state_kwargs) if self.sharded is None else \
+            ShardedTrainState(main=self.acc.is_main_process, **state_kwargs)
         world = self.acc.num_processes
         self.plan = BatchPlan(None if is_stream(dataset) else len(dataset), settings.batch_size // world,
                               settings.grad_accum, world, settings.seed)
         self.dataset = dataset
         self.out = Path(settings.output_dir)
+
+    def _shard(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        """train.parallel=fsdp: FSDP2 shards every trained network per block, the loss's copies of the student and,
+        with train.fsdp_teacher=shard, the teacher; the optimizers are re-pointed at the sharded parameters."""
+        from . import sharding
+
+        self._own_group = sharding.process_group()
+        self.sharded = sharding.Sharded(sharding.device_mesh(self.acc.device),
+                                        sharding.mixed_precision_policy(self.settings.mixed_precision))
+        bare = self.networks.bare
+        others = [n for n in bare if n != "student"] + list(self.loss.student_copies())
+        if others:  # the f-distill fake score lost its root parameters' identity after sharding here (issue 19's note)
+            raise FewstepError(f"train.parallel=fsdp shards only the student so far, and this loss also trains or "
+                               f"keeps {', '.join(others)}; use train.parallel=ddp for it")
+        before = {id(p): f"{n}.{q}" for n, m in bare.items() for q, p in m.named_parameters()}
+        for name, net in bare.items():
+            self.sharded.add(net, name if name == "student" else None)
+        for path in self.loss.student_copies().values():
+            self.sharded.add(self.loss.get_submodule(path))
+        if self.teacher is not None and self.settings.fsdp_teacher == "shard":
+            self.sharded.add(self.teacher.net)
+        student = list(bare["student"].parameters())
+        self.log(f"fewstep: fsdp process {self.acc.process_index} holds {sum(p.to_local().numel() for p in student)} "
+                 f"of {sum(p.numel() for p in student)} student parameters")
+        sharding.repoint_optimizers(optimizers, before, {f"{n}.{q}": p for n, m in bare.items()
+                                                         for q, p in m.named_parameters()})
 
     def _wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         wrapped = self.acc.prepare_model(module)
@@ -163,12 +200,30 @@ class Loop:
         with torch.no_grad(), (self.ema.swap_in(self.student_params) if self.ema is not None else contextlib.nullcontext()):
             yield
 
+    @contextlib.contextmanager
+    def whole_student(self, ema: bool):
+        """Every process enters; within the block the main process's student is whole and bare (EMA weights if
+        ``ema``) for sampling, evaluation and export: the bare network in place of DDP's wrapper, or under fsdp a
+        twin holding the gathered weights (a collective)."""
+        with self.ema_weights() if ema else contextlib.nullcontext():
+            if self.sharded is None:
+                with self.networks.unwrapped():
+                    yield
+                return
+            with self.sharded.whole("student", self.networks.bare["student"], self.acc.device,
+                                    self.acc.is_main_process) as twin:
+                with self.networks.standing_in({"student": twin} if twin is not None else {}):
+                    yield
+
     # ------------------------------------------------------------------ one step
     def _no_sync(self, phase: str, last: bool):
         """Gradients are averaged across processes once per optimizer step (the last micro-batch), and only
         for the networks the phase trains (the others may get gradients, which are thrown away)."""
         stack = contextlib.ExitStack()
-        if self.acc.num_processes > 1:
+        if self.sharded is not None:  # every network reduces on the last micro-batch: FSDP2 keeps unsynced gradients
+            for m in self.networks.wrapped.values():  # outside .grad, where zero_grad would not clear them
+                m.set_requires_gradient_sync(last)
+        elif self.acc.num_processes > 1:
             trained = self.loss.phase_modules(phase)
             for n, m in self.networks.wrapped.items():
                 if not last or n not in trained:
@@ -208,7 +263,12 @@ class Loop:
         """Clip the phase's gradients to ``clip_grad_norm``; whether their norm is finite."""
         if self.settings.clip_grad_norm is None:
             return True
-        norm = self.acc.clip_grad_norm_(self.phase_params[phase], self.settings.clip_grad_norm)
+        if self.sharded is not None:
+            from .sharding import clip_grad_norm_
+
+            norm = clip_grad_norm_(self.phase_params[phase], self.settings.clip_grad_norm)
+        else:
+            norm = self.acc.clip_grad_norm_(self.phase_params[phase], self.settings.clip_grad_norm)
         logs["grad_norm"] = norm.detach() if isinstance(norm, Tensor) else float(norm)
         return bool(torch.isfinite(torch.as_tensor(norm)))
 
@@ -241,6 +301,8 @@ class Loop:
     # ------------------------------------------------------------------ around the steps
     def save(self) -> Path | None:
         path = None
+        if self.sharded is not None:  # every process writes its shards
+            return self.state.save(self.out / "checkpoints", keep=self.settings.keep_checkpoints)
         if self.acc.is_main_process:
             path = self.state.save(self.out / "checkpoints", keep=self.settings.keep_checkpoints)
         self.acc.wait_for_everyone()
@@ -273,18 +335,22 @@ class Loop:
                 self.acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["step"])
 
     def _samples(self) -> None:
-        if self.sample_fn is None or self.save_samples is None or not self.acc.is_main_process:
+        if self.sample_fn is None or self.save_samples is None:
             return
-        with self.networks.unwrapped(), self.ema_weights():
+        with self.whole_student(ema=True):
+            if not self.acc.is_main_process:
+                return
             self.student.eval()
             samples = self.sample_fn(self.student)
             self.student.train()
         self.save_samples(samples, self.out / "samples" / f"step-{self.step:08d}.png")
 
     def _evaluate(self) -> None:
-        if self.evaluate is None or not self.acc.is_main_process:
+        if self.evaluate is None:
             return
-        with self.networks.unwrapped(), self.ema_weights():
+        with self.whole_student(ema=True):
+            if not self.acc.is_main_process:
+                return
             self.student.eval()
             metrics = self.evaluate(self.student, self.step)
             self.student.train()
@@ -292,15 +358,15 @@ class Loop:
             improved = key is not None and key in metrics and (best is None or metrics[key] < best)
             if improved and self.export is not None:
                 self.state.best = metrics[key]
-                self._export_to(self.out / "best", ema=False)  # EMA weights are already loaded
+                self._export_to(self.out / "best")  # EMA weights are already loaded
         self._write_log({"step": self.step, "eval": True, **metrics, **({"best": True} if improved else {})})
 
-    def _export_to(self, target: Path, ema: bool) -> None:
-        """Export the student atomically to ``target`` (written beside, then renamed)."""
+    def _export_to(self, target: Path) -> None:
+        """Export the student as it stands (inside ``whole_student``) atomically to ``target`` (written beside,
+        then renamed)."""
         tmp = target.with_name(f".{target.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        with self.networks.unwrapped(), (self.ema_weights() if ema else contextlib.nullcontext()):
-            self.export(self.student, tmp)
+        self.export(self.student, tmp)
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
 
@@ -308,8 +374,9 @@ class Loop:
         if self.export is None:
             return None
         final = self.out / "final"
-        if self.acc.is_main_process:
-            self._export_to(final, ema=self.settings.export_ema)
+        with self.whole_student(ema=self.settings.export_ema):
+            if self.acc.is_main_process:
+                self._export_to(final)
         self.acc.wait_for_everyone()
         return final
 
@@ -374,4 +441,7 @@ class Loop:
             final = self._export()
         if s.trackers:
             self.acc.end_training()
+        if self._own_group:  # the one-process group fsdp started; the sharded networks are done with
+            torch.distributed.destroy_process_group()
+            self._own_group = False
         return LoopResult(self.step, status, last_ckpt, final)

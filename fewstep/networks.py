@@ -43,6 +43,16 @@ class TrainedNetworks:
             owner.set_submodule(path, module)
 
     @contextlib.contextmanager
+    def standing_in(self, modules: dict[str, nn.Module]) -> Iterator[None]:
+        """``modules`` (name -> a module of the same structure: a sharded network's whole twin) in the networks'
+        places within the block."""
+        self._install(modules)
+        try:
+            yield
+        finally:
+            self._install({n: self.wrapped[n] for n in modules})
+
+    @contextlib.contextmanager
     def unwrapped(self) -> Iterator[None]:
         """The bare networks in place of the wrappers (sampling, evaluation and export run on the main process
         alone, where a wrapper's forward would wait for the other processes)."""

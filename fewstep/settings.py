@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+#: train.parallel: accelerate's DistributedDataParallel, or PyTorch's FSDP2 (fewstep/sharding.py)
+PARALLEL = ("ddp", "fsdp")
+#: train.fsdp_teacher: the frozen teacher whole on every process, or sharded like the trained networks
+TEACHER_PLACEMENT = ("replicate", "shard")
+
 
 @dataclass
 class LoopSettings:
@@ -30,3 +35,5 @@ class LoopSettings:
     num_workers: int = 0
     progress: bool = True
     trackers: list[str] = field(default_factory=list)
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2 shards every trained network; fewstep/sharding.py, docs/scaleout.md)
+    fsdp_teacher: str = "replicate"  # replicate | shard: the frozen teacher under parallel=fsdp

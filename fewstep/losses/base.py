@@ -117,6 +117,11 @@ class DistillationLoss(nn.Module):
         checkpoints them, and calls accelerate's wrapper of each in its place while training."""
         return {}
 
+    def student_copies(self) -> dict[str, str]:
+        """Frozen networks the loss keeps that copy the student's parameters and are updated from them (an EMA
+        target), by submodule path: under train.parallel=fsdp they are sharded as the student is."""
+        return {}
+
     def modules_to_train(self) -> dict[str, nn.Module]:
         """The networks of ``trains`` themselves."""
         return {name: self.get_submodule(path) for name, path in self.trains().items()}

@@ -143,6 +143,9 @@ class ConsistencyDistillationLoss(DistillationLoss):
     def phase_modules(self, phase: str) -> tuple[str, ...]:
         return (phase,)
 
+    def student_copies(self) -> dict[str, str]:
+        return {"target": "target.net"} if self.target is not None else {}
+
     def sampler_settings(self) -> dict[str, Any]:
         """The boundary coefficients' settings, and N: ``spacing: lcm`` picks from the N-point grid trained on."""
         return {"timestep_scaling": self.timestep_scaling, "sigma_data": self.sigma_data, "original_steps": self.N}
