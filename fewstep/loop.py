@@ -164,10 +164,6 @@ class Loop:
         self.sharded = sharding.Sharded(sharding.device_mesh(self.acc.device),
                                         sharding.mixed_precision_policy(self.settings.mixed_precision))
         bare = self.networks.bare
-        others = [n for n in bare if n != "student"] + list(self.loss.student_copies())
-        if others:  # the f-distill fake score lost its root parameters' identity after sharding here (issue 19's note)
-            raise FewstepError(f"train.parallel=fsdp shards only the student so far, and this loss also trains or "
-                               f"keeps {', '.join(others)}; use train.parallel=ddp for it")
         before = {id(p): f"{n}.{q}" for n, m in bare.items() for q, p in m.named_parameters()}
         for name, net in bare.items():
             self.sharded.add(net, name if name == "student" else None)
@@ -280,6 +276,8 @@ class Loop:
         """One optimizer step of the phase the loss runs now; its logs."""
         phase = self.loss.phase_for(self.step)
         logs, finite = self._accumulate(phase, source)
+        if self.sharded is not None:
+            self.sharded.reshard()
         finite = self._everywhere(self._clip(phase, logs) and finite)
         if finite:
             self.optimizers[phase].step()

@@ -123,12 +123,21 @@ class Sharded:
     def __init__(self, mesh, policy) -> None:
         self.mesh, self.policy = mesh, policy
         self.twins: dict[str, nn.Module] = {}
+        self.roots: list[nn.Module] = []
 
     def add(self, net: nn.Module, name: str | None = None) -> nn.Module:
         """Shard ``net``; ``name`` keeps a meta twin for ``whole(name)``."""
         if name is not None:
             self.twins[name] = meta_twin(net)
-        return shard(net, self.mesh, self.policy)
+        self.roots.append(shard(net, self.mesh, self.policy))
+        return net
+
+    def reshard(self) -> None:
+        """Put every network's sharded parameters back in place. FSDP2 keeps a root unit gathered after a forward
+        that has no backward (a fake score or an EMA target run under no_grad); until its next backward, the module
+        would show plain gathered tensors where the optimizer, the EMA and the checkpoint hold the DTensors."""
+        for net in self.roots:
+            net.reshard()
 
     @contextlib.contextmanager
     def whole(self, name: str, net: nn.Module, device: torch.device, main: bool) -> Iterator[nn.Module | None]:
