@@ -200,8 +200,10 @@ class Loop:
     def whole_student(self, ema: bool):
         """Every process enters; within the block the main process's student is whole and bare (EMA weights if
         ``ema``) for sampling, evaluation and export: the bare network in place of DDP's wrapper, or under fsdp a
-        twin holding the gathered weights (a collective)."""
-        with self.ema_weights() if ema else contextlib.nullcontext():
+        twin holding the gathered weights (a collective). Under DDP the other processes swap nothing in; under fsdp
+        each swaps its EMA shard in, as the gathered weights are made of every process's shard."""
+        here = self.sharded is not None or self.acc.is_main_process
+        with self.ema_weights() if ema and here else contextlib.nullcontext():
             if self.sharded is None:
                 with self.networks.unwrapped():
                     yield

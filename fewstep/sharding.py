@@ -4,7 +4,7 @@ Nothing here shards by itself: FSDP2 turns every parameter of a network into a D
 gathers a block's parameters for its forward and backward, and reduce-scatters (averages) the gradients. This
 module only says which modules become FSDP units, re-points the optimizers built over the unsharded parameters,
 and gathers whole weights for the main process's sampling and export. Checkpoints go through
-``torch.distributed.checkpoint`` (fewstep.checkpoint.ShardedTrainState).
+``torch.distributed.checkpoint`` (fewstep.sharded_checkpoint.ShardedTrainState).
 """
 from __future__ import annotations
 
@@ -117,8 +117,8 @@ def repoint_optimizers(optimizers: dict[str, torch.optim.Optimizer], before: dic
 class Sharded:
     """The run's sharded networks and what it takes to see them whole.
 
-    ``networks``: name -> a network already passed to ``shard`` (the loop's trained networks); ``twins`` are built
-    before sharding by ``add``."""
+    ``roots``: every network ``add`` sharded (trained networks, the loss's student copies, a sharded teacher);
+    ``twins``: name -> the meta twin ``add`` built before sharding, for ``whole``."""
 
     def __init__(self, mesh, policy) -> None:
         self.mesh, self.policy = mesh, policy
