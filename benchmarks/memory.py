@@ -107,27 +107,33 @@ SDXL_UNET = {"sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_pe
              "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816}
 
 
-def unet_estimates(config: dict, rank: int) -> list[tuple[str, int, float]]:
-    """Weights + gradients + AdamW state of the full/LoRA configurations for a UNet built on the meta device."""
+def unet_estimates(config: dict, rank: int, processes: int = 8) -> list[tuple[str, int, float, float, float]]:
+    """Weights + gradients + AdamW state of the full/LoRA configurations for a UNet built on the meta device: the
+    whole (ddp) per-process bytes, and under fsdp on ``processes`` processes with the teacher replicated / sharded
+    (fewstep.memory.per_process_bytes, as `--dry-run` prints; the largest unit counted float32)."""
     import torch
     from diffusers import UNet2DConditionModel
 
-    from fewstep.memory import OPTIMIZER_STATES, lora_parameter_count
+    from fewstep.memory import OPTIMIZER_STATES, largest_unit_bytes, lora_parameter_count, per_process_bytes
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
     n = sum(p.numel() for p in unet.parameters())
     r = lora_parameter_count(unet, rank, LORA["target_modules"])
+    unit = largest_unit_bytes([unet])  # meta parameters report float32 sizes
     train = 4 * (1 + OPTIMIZER_STATES["AdamW"])  # float32 gradient + 2 AdamW states per trained parameter
     teacher, full32 = 2 * n, 4 * n  # float16 teacher; a float32 trained copy
-    rows = [
-        ("fdistill: full student, full fake-score copy", 2 * n, teacher + 2 * (full32 + n * train)),
-        ("fdistill: LoRA student, full fake-score copy", n + r, teacher + full32 + r * (4 + train) + full32 + n * train),
-        ("fdistill: LoRA student, LoRA fake score on the teacher", 2 * r, teacher + full32 + 2 * r * (4 + train)),
-        ("consistency: full student, EMA target", n, teacher + full32 + n * train + full32),
-        ("consistency: LoRA student, online target", r, teacher + full32 + r * (4 + train)),
+    rows = [  # (name, trainable, bytes, teacher bytes kept whole under fsdp's "replicate")
+        ("fdistill: full student, full fake-score copy", 2 * n, teacher + 2 * (full32 + n * train), teacher),
+        ("fdistill: LoRA student, full fake-score copy", n + r, teacher + full32 + r * (4 + train) + full32 + n * train,
+         teacher),
+        ("fdistill: LoRA student, LoRA fake score on the teacher", 2 * r, teacher + full32 + 2 * r * (4 + train), 0),
+        ("consistency: full student, EMA target", n, teacher + full32 + n * train + full32, teacher),
+        ("consistency: LoRA student, online target", r, teacher + full32 + r * (4 + train), teacher),
     ]
-    return [(name, t, b / 2**30) for name, t, b in rows]
+    gib = 2**30
+    return [(name, t, b / gib, per_process_bytes(b, whole, unit, processes=processes, parallel="fsdp") / gib,
+             per_process_bytes(b, 0.0, unit, processes=processes, parallel="fsdp") / gib) for name, t, b, whole in rows]
 
 
 def main() -> None:
@@ -175,9 +181,10 @@ def main() -> None:
     for label, config, rank in (("SD 1.5", SD15_UNET, LORA["rank"]), ("SDXL", SDXL_UNET, 64)):
         print(f"\nestimated: {label} UNet, teacher float16, trained weights and AdamW state float32, LoRA rank {rank}; "
               "activations, text encoders and VAE excluded")
-        print("| configuration | trainable | estimate GiB |\n|---|---|---|")
-        for name, trainable, gib in unet_estimates(config, rank):
-            print(f"| {name} | {trainable:,} | {gib:.1f} |")
+        print("| configuration | trainable | ddp GiB per process | fsdp x 8, teacher replicated | fsdp x 8, teacher sharded |"
+              "\n|---|---|---|---|---|")
+        for name, trainable, gib, rep, shd in unet_estimates(config, rank):
+            print(f"| {name} | {trainable:,} | {gib:.1f} | {rep:.1f} | {shd:.1f} |")
 
 
 if __name__ == "__main__":

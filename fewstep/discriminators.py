@@ -59,7 +59,7 @@ class XTDiscriminator(nn.Module):
             h = self.body(torch.cat([x_t.float(), emb], 1))
         else:
             h = self.body(x_t.float()) + self.film(emb)
-        out = self.head(h).squeeze(1)
+        out = self.head(h).sum(1)  # not squeeze: a view out of an FSDP2 unit would lose its pre-backward hook
         labels = (cond or {}).get("class_labels")
         if self.embed is not None and labels is not None:
             out = out + (self.embed(labels.long()) * h).sum(1)
@@ -87,4 +87,4 @@ class FeatureDiscriminator(nn.Module):
     def forward(self, x_t: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
         self._den.native(x_t, t, cond)
         feats, self._features = self._features, None
-        return self.head(feats.float()).squeeze(1)
+        return self.head(feats.float()).sum(1)  # one logit per sample, not a view (see XTDiscriminator)

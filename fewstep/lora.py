@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 from torch import nn
 
 from .errors import FewstepError
@@ -29,8 +30,10 @@ def _matches(name: str, target: str) -> bool:
 
 
 def inject_lora(net: nn.Module, *, rank: int, alpha: float | None, target_modules: list[str], dropout: float = 0.0,
-                init: str = "gaussian", adapter_name: str = "default") -> nn.Module:
-    """Add LoRA adapters to ``net`` in place; only adapter weights stay trainable."""
+                init: str = "gaussian", adapter_name: str = "default", seed: int = 0) -> nn.Module:
+    """Add LoRA adapters to ``net`` in place; only adapter weights stay trainable. The random matrices are drawn
+    from ``seed`` (the global RNG is left as it was), so a run's adapters start the same on every launch and in
+    every process."""
     from peft import LoraConfig
 
     if rank < 1:
@@ -43,12 +46,14 @@ def inject_lora(net: nn.Module, *, rank: int, alpha: float | None, target_module
     init_value: bool | str = True if init == "default" else init
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=list(target_modules),
                         lora_dropout=dropout, init_lora_weights=init_value)
-    if hasattr(net, "add_adapter") and hasattr(net, "set_adapter"):
-        net.add_adapter(config, adapter_name=adapter_name)
-    else:
-        from peft import inject_adapter_in_model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if hasattr(net, "add_adapter") and hasattr(net, "set_adapter"):
+            net.add_adapter(config, adapter_name=adapter_name)
+        else:
+            from peft import inject_adapter_in_model
 
-        inject_adapter_in_model(config, net, adapter_name=adapter_name)
+            inject_adapter_in_model(config, net, adapter_name=adapter_name)
     for n, p in net.named_parameters():
         p.requires_grad_("lora_" in n)
     return net

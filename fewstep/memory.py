@@ -64,4 +64,23 @@ def lora_parameter_count(net: nn.Module, rank: int, targets: list[str]) -> int:
     return count
 
 
-__all__ = ["Estimate", "OPTIMIZER_STATES", "estimate", "lora_parameter_count"]
+def largest_unit_bytes(nets: list[nn.Module | None]) -> int:
+    """Weights of the largest FSDP unit (fewstep.sharding.shard_units) of ``nets``: what an fsdp process gathers
+    whole for one block's forward or backward."""
+    from .sharding import shard_units
+
+    sizes = [sum(p.numel() * p.element_size() for p in u.parameters()) for m in nets if m is not None
+             for u in shard_units(m)]
+    return max(sizes, default=0)
+
+
+def per_process_bytes(total: float, replicated: float, unit: float, *, processes: int, parallel: str) -> float:
+    """One process's share of a run whose networks take ``total`` bytes whole (weights, gradients, optimizer state,
+    EMA). ddp: all of it on every process. fsdp: 1/N of everything sharded, the ``replicated`` bytes (a teacher kept
+    whole) in full, and two units of ``unit`` bytes gathered whole (the block running and the one FSDP2 prefetches)."""
+    if parallel == "ddp" or processes == 1:
+        return total
+    return (total - replicated) / processes + replicated + 2 * unit
+
+
+__all__ = ["Estimate", "OPTIMIZER_STATES", "estimate", "largest_unit_bytes", "lora_parameter_count", "per_process_bytes"]

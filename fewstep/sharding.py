@@ -65,9 +65,23 @@ def is_sharded(net: nn.Module) -> bool:
     return isinstance(net, FSDPModule)
 
 
+def broadcast_from_main(net: nn.Module) -> None:
+    """Every process takes the main process's parameters and buffers, as DDP does when it wraps a network.
+    ``fully_shard`` keeps each process's own slice of what it holds, so anything initialised at random (LoRA's A
+    matrices, a fresh discriminator) would otherwise be stitched together from different draws."""
+    if dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for t in [*net.parameters(), *net.buffers()]:
+            dist.broadcast(t.data, src=0)
+
+
 def shard(net: nn.Module, mesh, policy) -> nn.Module:
-    """``fully_shard`` each block of ``net``, then ``net`` itself (in place; the same object comes back)."""
+    """``fully_shard`` each block of ``net``, then ``net`` itself (in place; the same object comes back), after
+    every process took the main process's weights."""
     from torch.distributed.fsdp import fully_shard
+
+    broadcast_from_main(net)
 
     for unit in shard_units(net):
         if is_sharded(unit):  # already a unit of a trained network that sits on this one (LoRA fake score)
@@ -127,6 +141,8 @@ class Sharded:
 
     def add(self, net: nn.Module, name: str | None = None) -> nn.Module:
         """Shard ``net``; ``name`` keeps a meta twin for ``whole(name)``."""
+        if is_sharded(net):  # the teacher under a LoRA fake score: sharded as that trained network already
+            return net
         if name is not None:
             self.twins[name] = meta_twin(net)
         self.roots.append(shard(net, self.mesh, self.policy))
@@ -159,5 +175,5 @@ class Sharded:
                                  strict=False, assign=True)
 
 
-__all__ = ["Sharded", "clip_grad_norm_", "device_mesh", "is_sharded", "meta_twin",
+__all__ = ["Sharded", "broadcast_from_main", "clip_grad_norm_", "device_mesh", "is_sharded", "meta_twin",
            "mixed_precision_policy", "process_group", "repoint_optimizers", "shard", "shard_units"]

@@ -242,3 +242,24 @@ def test_plain_diffusers_loads_every_adapter_of_the_recipes_lora_targets(name, t
                 x, 500, encoder_hidden_states=text).sample
         assert (ours - base).abs().max() > 1e-3  # the adapters change the output, so the comparison can fail
         torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_adapters_start_from_the_run_seed_whatever_the_global_rng(tiny_dirs):
+    """The adapters' random matrices come from the seed alone (they once came from the global RNG, so a 2-process
+    run started other adapters than a 1-process one), and drawing them leaves the global RNG as it was."""
+    from diffusers import UNet2DConditionModel
+
+    from fewstep.lora import inject_lora
+
+    def adapters(global_seed: int, seed: int) -> dict:
+        torch.manual_seed(global_seed)
+        unet = UNet2DConditionModel.from_pretrained(tiny_dirs["sd"], subfolder="unet")
+        inject_lora(unet, rank=4, alpha=None, target_modules=["to_q", "to_k"], seed=seed)
+        after = torch.rand(1)
+        torch.manual_seed(global_seed)
+        assert torch.equal(after, torch.rand(1))  # the global stream did not move
+        return {n: p.detach().clone() for n, p in unet.named_parameters() if "lora_A" in n}
+
+    a, b, c = adapters(0, seed=7), adapters(123, seed=7), adapters(0, seed=8)
+    assert a and all(torch.equal(a[n], b[n]) for n in a)
+    assert all(not torch.equal(a[n], c[n]) for n in a)  # the seed does decide them

@@ -29,16 +29,24 @@ def free_port() -> int:
 CPU_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "cpu_2proc.yaml"
 
 
-def launch(args: list[str], nproc: int = 2, accelerate_config: Path | None = None) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node N -m fewstep ARGS``, or ``accelerate launch --config_file CONFIG``."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+def launch_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def launch_command(args: list[str], nproc: int = 2, accelerate_config: Path | None = None) -> list[str]:
+    """``torchrun --nproc_per_node N -m fewstep ARGS``, or ``accelerate launch --config_file CONFIG``, on a free port."""
     if accelerate_config is None:
         how = ["torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1"]
     else:
         how = ["accelerate.commands.launch", "--config_file", str(accelerate_config), "--main_process_ip", "127.0.0.1"]
     port = ["--master_port" if accelerate_config is None else "--main_process_port", str(free_port())]
-    cmd = [sys.executable, "-m", *how, *port, "-m", "fewstep", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return [sys.executable, "-m", *how, *port, "-m", "fewstep", *args]
+
+
+def launch(args: list[str], nproc: int = 2, accelerate_config: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``launch_command`` to its end."""
+    return subprocess.run(launch_command(args, nproc, accelerate_config), env=launch_env(), capture_output=True,
+                          text=True, timeout=600)
 
 
 def torchrun(args: list[str], nproc: int = 2, accelerate_config: Path | None = None) -> str:

@@ -65,7 +65,8 @@ def build_student(recipe: Recipe, schedule: Schedule, teacher: LoadedModel,
         from ..lora import inject_lora
 
         lo = recipe.lora
-        inject_lora(net, rank=lo.rank, alpha=lo.alpha, target_modules=lo.target_modules, dropout=lo.dropout, init=lo.init)
+        inject_lora(net, rank=lo.rank, alpha=lo.alpha, target_modules=lo.target_modules, dropout=lo.dropout, init=lo.init,
+                    seed=tr.seed)
     if tr.gradient_checkpointing:
         if not getattr(net, "_supports_gradient_checkpointing", False):
             raise FewstepError(f"train.gradient_checkpointing: {type(net).__name__} does not support it; set it to false")

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from ..config import load_recipe
+from ..errors import FewstepError
 
 EXIT = {"finished": 0, "interrupted": 130, "time_limit": 75}
 
@@ -14,6 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", help="a recipe name (see `fewstep ls`) or a path to a .yaml file")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
     p.add_argument("--dry-run", action="store_true", help="print the resolved recipe, parameter counts and a memory estimate")
+    p.add_argument("--num-processes", type=int, default=8, metavar="N",
+                   help="with --dry-run: the per-process estimate under ddp and fsdp for N processes (default 8)")
     p.set_defaults(run=run)
 
 
@@ -23,17 +26,16 @@ def _count(module) -> tuple[int, int]:
     return train, sum(p.numel() for p in params) - train
 
 
-def dry_run(recipe) -> int:
+def dry_run(recipe, processes: int = 8) -> int:
     """The resolved recipe, then per stage (a recipe without stages is one) each network's parameters and
     memory estimates for it and its full / LoRA counterparts. A stage that reads an earlier stage's model
     is estimated once that stage has run."""
-    from ..errors import FewstepError
     from ..run import stage_recipes
 
     print(recipe.to_yaml().rstrip())
     if not recipe.stages:
         print("---")
-        _estimate(recipe, {})
+        _estimate(recipe, {}, processes)
         return 0
     done: dict[str, Path] = {}
     for name, kind, sub in stage_recipes(recipe):
@@ -43,7 +45,7 @@ def dry_run(recipe) -> int:
             print(f"  teacher pairs to {out / 'pairs'}")
         else:
             try:
-                _estimate(sub, done)
+                _estimate(sub, done, processes)
             except FewstepError as e:
                 print(f"  not estimated yet: {e}")
         if (out / "DONE").exists():
@@ -51,10 +53,10 @@ def dry_run(recipe) -> int:
     return 0
 
 
-def _estimate(recipe, stage_outputs: dict) -> None:
+def _estimate(recipe, stage_outputs: dict, processes: int) -> None:
     from ..build import build
     from ..lora import WIDE_TARGETS
-    from ..memory import OPTIMIZER_STATES, estimate, lora_parameter_count
+    from ..memory import OPTIMIZER_STATES, estimate, largest_unit_bytes, lora_parameter_count, per_process_bytes
 
     b = build(recipe, stage_outputs=stage_outputs)  # the teacher comes frozen, as the loop trains it
     student = b.student.denoiser.net
@@ -89,6 +91,20 @@ def _estimate(recipe, stage_outputs: dict) -> None:
     print(f"memory estimate (weights, gradients, {opt} state{', EMA' if ema else ''}; activations excluded):")
     for label, trainable, gib in rows:
         print(f"  {label:<44} {trainable:>14,} trainable  {gib:8.3f} GiB")
+    # train.parallel: the teacher's own weights (not shared with a trained network, e.g. under a LoRA fake score)
+    trained_ids = {id(p) for m in [student, *extra.values()] for p in m.parameters()}
+    teacher_only = sum(p.numel() * p.element_size() for p in (teacher.parameters() if teacher is not None else [])
+                       if id(p) not in trained_ids)
+    unit = largest_unit_bytes([student, teacher, *extra.values()])
+    current = (recipe.train.parallel, recipe.train.fsdp_teacher)
+    print(f"per process on {processes} processes (--num-processes; this run: train.parallel={current[0]}"
+          f"{', train.fsdp_teacher=' + current[1] if current[0] == 'fsdp' else ''}):")
+    for label, parallel, placement in (("ddp: every network on every process", "ddp", None),
+                                       ("fsdp, teacher replicated", "fsdp", "replicate"),
+                                       ("fsdp, teacher sharded", "fsdp", "shard")):
+        gib = per_process_bytes(here.bytes, teacher_only if placement == "replicate" else 0.0, unit,
+                                processes=processes, parallel=parallel) / 2**30
+        print(f"  {label:<44} {gib:8.3f} GiB")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,7 +112,9 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.dry_run:
-        return dry_run(recipe)
+        if args.num_processes < 1:
+            raise FewstepError(f"--num-processes {args.num_processes}: the number of processes must be at least 1")
+        return dry_run(recipe, args.num_processes)
     result = run_recipe(recipe)
     where = f"; final model in {result.final_dir}" if result.final_dir else ""
     messages = {"finished": f"finished at step {result.step}{where}",

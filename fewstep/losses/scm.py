@@ -107,7 +107,8 @@ class AdaptiveWeight(nn.Module):
     def forward(self, t: Tensor) -> Tensor:
         c_noise = torch.log(self.sigma_data * torch.tan(t.double())) / 4
         feats = math.sqrt(2) * torch.cos(2 * math.pi * (c_noise[:, None] * self.freqs + self.phases))
-        return self.linear(feats.to(self.linear.weight.dtype)).squeeze(-1)
+        # sum over the one output, not squeeze: a view out of an FSDP2 unit would lose its pre-backward hook
+        return self.linear(feats.to(self.linear.weight.dtype)).sum(-1)
 
 
 # ----------------------------------------------------------------------------- the loss
