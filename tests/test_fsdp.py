@@ -16,6 +16,20 @@ COMMON = ["gmm_teacher", "train.batch_size=16", *QUIET]
 FINAL = ("final", "mlp", "diffusion_pytorch_model.safetensors")
 
 
+def assert_sharded(out: str, networks=("student",), processes: int = 2, whole_on_one=()) -> None:
+    """Each process's line ``fewstep: fsdp process R holds X of Y NAME parameters``: for every network, one line per
+    process (per stage), the local shards (DTensor.to_local) adding up to the whole, each about 1/N of it. FSDP2
+    splits each parameter along its first dimension, so a network in ``whole_on_one`` (sCM's weighting: a (1, 128)
+    linear) only has its shards add up."""
+    for name in networks:
+        held = [(int(a), int(b)) for a, b in re.findall(rf"fewstep: fsdp process \d holds (\d+) of (\d+) {name} param", out)]
+        assert held and len(held) % processes == 0, (name, held)  # a multi-stage recipe prints each stage's
+        for whole in {b for _, b in held}:  # the processes' output interleaves in any order: group by the whole
+            parts = [a for a, b in held if b == whole]
+            assert len(parts) % processes == 0 and sum(parts) * processes == whole * len(parts), (name, held)
+        assert name in whole_on_one or all(abs(a / b - 1 / processes) < 0.1 for a, b in held), (name, held)
+
+
 def exported(run):
     return load_file(run.joinpath(*FINAL))
 
@@ -35,9 +49,7 @@ def test_fsdp_two_processes_match_one_and_resume_on_one(tmp_path, capsys):
     fsdp = "train.parallel=fsdp"
     out = torchrun(["distill", *COMMON, fsdp, "train.max_steps=3", f"train.output_dir={tmp_path / 'two'}"])
     # really sharded: each process holds about half of the student's parameters
-    held = [(int(a), int(b)) for a, b in re.findall(r"fewstep: fsdp process \d holds (\d+) of (\d+) student", out)]
-    assert len(held) == 2 and held[0][1] == held[1][1] and sum(a for a, _ in held) == held[0][1]
-    assert all(0.4 < a / b < 0.6 for a, b in held)
+    assert_sharded(out)
     step3 = tmp_path / "two" / "checkpoints" / "step-00000003"
     assert sorted(p.name for p in (step3 / "shards").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert main(["distill", *COMMON, "train.max_steps=3", f"train.output_dir={tmp_path / 'one'}"]) == 0
@@ -83,6 +95,7 @@ def test_fsdp_auxiliary_networks_two_processes_match_one(recipe, stage, networks
     processes x 8 equal 1 plain process x 16 (1e-5) for each network, read from the sharded checkpoint."""
     common = [recipe, "train.max_steps=3", "train.batch_size=16", *extra, *QUIET]
     out = torchrun(["distill", *common, "train.parallel=fsdp", f"train.output_dir={tmp_path / 'two'}"])
+    assert_sharded(out, networks, whole_on_one=("weighting",))
     assert "returned a view tensor" not in out  # FSDP2's warning that a unit's output would skip its hooks
     assert main(["distill", *common, f"train.output_dir={tmp_path / 'one'}"]) == 0
     for network in networks:
@@ -130,8 +143,7 @@ def test_fsdp_sd_export_equals_one_process_and_loads_in_plain_diffusers(lora, tm
     out = torchrun(["distill", recipe, *QUIET, "train.parallel=fsdp", f"train.fsdp_teacher={'replicate' if lora else 'shard'}",
                     f"train.output_dir={tmp_path / 'two'}"])
     assert "returned a view tensor" not in out
-    held = [(int(a), int(b)) for a, b in re.findall(r"fewstep: fsdp process \d holds (\d+) of (\d+) student", out)]
-    assert len(held) == 2 and sum(a for a, _ in held) == held[0][1] and all(0.4 < a / b < 0.6 for a, b in held)
+    assert_sharded(out)
     assert main(["distill", recipe, *QUIET, f"train.output_dir={tmp_path / 'one'}"]) == 0
     file = ("pytorch_lora_weights.safetensors",) if lora else ("unet", "diffusion_pytorch_model.safetensors")
     two, one = (load_file(tmp_path / run / "final" / Path(*file)) for run in ("two", "one"))
@@ -156,20 +168,21 @@ def test_fsdp_sd_export_equals_one_process_and_loads_in_plain_diffusers(lora, tm
 
 @pytest.mark.slow
 def test_fsdp_sigkill_at_random_steps_then_resume_equals_uninterrupted(tmp_path):
-    """Three SIGKILLs of a whole 2-process fsdp launch (torchrun and both workers, as a lost node) at random moments
+    """Three SIGKILLs of a whole 2-process fsdp launch (torchrun, then both workers, as a lost node) at random moments
     of training, each followed by a relaunch that resumes from the newest intact sharded checkpoint: the final
     export equals an uninterrupted 2-process fsdp run's bit for bit."""
-    import os
+    import contextlib
     import random
-    import signal
     import subprocess
     import time
+
+    import psutil
 
     from tests.test_multiprocess import launch_command, launch_env
 
     args = ["distill", "gmm_teacher", "train.parallel=fsdp", "train.batch_size=16", "train.max_steps=300",
             "train.checkpoint_every=10", "train.log_every=5", "train.progress=false", "train.sample_every=0"]
-    torchrun([*args, f"train.output_dir={tmp_path / 'ref'}"])
+    assert_sharded(torchrun([*args, f"train.output_dir={tmp_path / 'ref'}"]))
     out, rng, kills = tmp_path / "killed", random.Random(0), 0
     log = out / "log.jsonl"
     lines = lambda: log.read_text().count("\n") if log.exists() else 0  # noqa: E731
@@ -182,13 +195,19 @@ def test_fsdp_sigkill_at_random_steps_then_resume_equals_uninterrupted(tmp_path)
         time.sleep(rng.uniform(0.0, 3.0))
         if p.poll() is not None:
             break  # it finished first
-        os.killpg(p.pid, signal.SIGKILL)
+        workers = psutil.Process(p.pid).children(recursive=True)  # torchrun starts each in its own session
+        p.kill()  # torchrun first, so it cannot SIGTERM the workers (the loop would checkpoint on that)
+        for w in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                w.kill()
         p.wait()
+        psutil.wait_procs(workers, timeout=30)
+        assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
         kills += 1
     assert kills == 3
     stopped = [json.loads(r)["step"] for r in log.read_text().splitlines()][-1]
     assert 10 < stopped < 300, stopped  # killed after a checkpoint, before the end
-    torchrun([*args, f"train.output_dir={out}"])
+    assert_sharded(torchrun([*args, f"train.output_dir={out}"]))
     assert exported(out).keys() == exported(tmp_path / "ref").keys()
     assert max_diff(exported(out), exported(tmp_path / "ref")) == 0.0
     assert (out / "DONE").read_text() == (tmp_path / "ref" / "DONE").read_text()
@@ -201,6 +220,7 @@ def test_fsdp_one_process_checkpoint_resumes_on_two(tmp_path):
     common = ["gmm_teacher", "train.batch_size=16", "train.parallel=fsdp", *QUIET]
     assert main(["distill", *common, "train.max_steps=3", f"train.output_dir={tmp_path / 'run'}"]) == 0
     out = torchrun(["distill", *common, "train.max_steps=6", f"train.output_dir={tmp_path / 'run'}"])
+    assert_sharded(out)
     assert "resumed from" in out and "at step 3" in out
     assert main(["distill", *common, "train.max_steps=6", f"train.output_dir={tmp_path / 'one'}"]) == 0
     assert max_diff(exported(tmp_path / "run"), exported(tmp_path / "one")) < 1e-5
