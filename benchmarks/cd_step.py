@@ -7,7 +7,12 @@ grad, the student's f(x_t, t), L2, backward, clipping, AdamW and the target EMA 
 alternate (fewstep, bare, ...) so machine noise hits both; medians and their ratio (target <= 1.05).
 The parts table times the pieces of fewstep's step alone.
 
-    python benchmarks/cd_step.py [--steps 60] [--batch 8]
+Two more rows, each interleaved with the bare step again, as ratios to it: fewstep online (the images dataset, so
+every step runs the VAE encoder and the text encoder, as without the cache) and fewstep on the cache with
+train.compile (regional torch.compile, fewstep/compiling.py; its first steps compile, outside the timing, and the
+compile time is printed). --no-compile skips the compiled row (a first CPU compile takes a minute or more).
+
+    python benchmarks/cd_step.py [--steps 60] [--batch 8] [--no-compile]
 """
 from __future__ import annotations
 
@@ -32,20 +37,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--no-compile", action="store_true", help="skip the train.compile row")
     args = ap.parse_args()
     torch.set_num_threads(2)
     tmp = Path(tempfile.mkdtemp())
     sd = save_tiny_pipeline("sd", tmp / "sd")
     images = save_captioned_digits(tmp / "images", num=64)
-    recipe = validate({
+    raw = {
         "name": "cd_step", "teacher": {"kind": "pipeline", "path": str(sd)}, "student": {"kind": "pipeline", "init": "teacher"},
         "loss": {"name": "consistency", "guidance_min": 4.0, "guidance_max": 16.0, "target": "ema", "distance": "l2"},
         "data": {"name": "images", "root": str(images), "resolution": 32},
         "optimizer": {"name": "AdamW", "lr": 1e-5}, "sample": {"solver": "consistency", "spacing": "lcm", "steps": 1},
         "train": {"output_dir": str(tmp / "run"), "max_steps": 10**6, "batch_size": args.batch, "clip_grad_norm": 1.0,
                   "progress": False, "log_every": 10**9},
-    })
-    loop = build_loop(recipe, log=lambda m: None)
+    }
+    loop = build_loop(validate(raw), log=lambda m: None)
     lp = loop.student.net  # the student's UNet
     pipe = loop.loss.target  # EMA target denoiser (fewstep's)
     teacher = loop.teacher
@@ -101,6 +107,21 @@ def main() -> None:
             torch._foreach_lerp_(list(tgt_unet.parameters()), [q.detach() for q in s_unet.parameters()], 0.05)
 
     t_loop, t_bare = interleaved(lambda: loop.train_step(source), bare_step, steps=args.steps)
+    # online: the loop's own images dataset, VAE and text encoder per step
+    online = build_loop(validate({**raw, "train": {**raw["train"], "output_dir": str(tmp / "online")}}), log=lambda m: None)
+    online_source = BatchSource(online.dataset, BatchPlan(len(online.dataset), args.batch, seed=0))
+    rows = {"fewstep online (VAE + text encoder per step)": interleaved(lambda: online.train_step(online_source),
+                                                                         bare_step, steps=args.steps)}
+    compile_s = None
+    if not args.no_compile:
+        compiled = build_loop(validate({**raw, "train": {**raw["train"], "output_dir": str(tmp / "compiled"),
+                                                         "compile": True}}), log=lambda m: None)
+        start = time.perf_counter()
+        for _ in range(3):  # the first steps compile the regions (grad and no-grad variants)
+            compiled.train_step(source)
+        compile_s = time.perf_counter() - start
+        rows["fewstep cached + train.compile"] = interleaved(lambda: compiled.train_step(source), bare_step,
+                                                              steps=args.steps)
 
     # parts of fewstep's step, timed alone
     b = {**source.get(0, 0)}
@@ -133,6 +154,12 @@ def main() -> None:
     print(f"{'fewstep consistency step':<30}{m_loop * 1e3:>10.2f}")
     print(f"{'bare hand-written step':<30}{m_bare * 1e3:>10.2f}")
     print(f"ratio fewstep / bare: {m_loop / m_bare:.3f} (target <= 1.05)")
+    print("more rows, each interleaved with the bare step again (ratio to that bare step):")
+    for k, (a, b) in rows.items():
+        print(f"  {k:<46}{statistics.median(a) * 1e3:>10.2f} ms  ratio {statistics.median(a) / statistics.median(b):.3f}")
+    if compile_s is not None:
+        print(f"  train.compile: first 3 steps (compiling) took {compile_s:.1f} s")
+    print("not measured here (pay off on GPUs only): fp16 teacher, channels_last, fused AdamW")
     print("parts of fewstep's step (alone):")
     for k, v in parts.items():
         print(f"  {k:<28}{statistics.median(v) * 1e3:>10.2f}")

@@ -34,6 +34,7 @@ class TrainSection(LoopSettings):
     overwrite: bool = False
     teacher_dtype: str = "float32"  # float32 | float16 | bfloat16
     gradient_checkpointing: bool = False
+    prompt_table: int = 10_000  # data: prompts with at most this many distinct prompts: each encoded once; 0: off
 
 
 RUN_LENGTH_KEYS = {
@@ -286,10 +287,13 @@ def validate(raw: dict[str, Any]) -> Recipe:
     check_choice(train.nonfinite, ("stop", "skip"), "train.nonfinite")
     check_choice(train.parallel, PARALLEL, "train.parallel")
     check_choice(train.fsdp_teacher, TEACHER_PLACEMENT, "train.fsdp_teacher")
+    if train.compile and train.parallel == "fsdp":
+        raise FewstepError("train.compile with train.parallel=fsdp is not supported yet (FSDP2's hooks inside the "
+                           "compiled regions are untested here); use one of them")
     for key in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every"):
         if getattr(train, key) < 1:
             raise FewstepError(f"train.{key} must be at least 1, got {getattr(train, key)}")
-    for key in ("sample_every", "eval_every", "num_workers"):
+    for key in ("sample_every", "eval_every", "num_workers", "prompt_table"):
         if getattr(train, key) < 0:
             raise FewstepError(f"train.{key} must be >= 0, got {getattr(train, key)}")
     if train.max_wall_time < 0:

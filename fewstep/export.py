@@ -180,14 +180,31 @@ def _write_lora(net, directory: Path, meta: dict[str, Any], pipeline, scheduler)
                 scheduler=type(sched).__name__, pipeline_class=type(pipeline.pipe).__name__)
 
 
+def pipeline_call(meta: dict[str, Any], steps: int, family: str) -> tuple[dict[str, Any] | None, str]:
+    """The keyword arguments of the plain diffusers pipeline call that samples an exported pipeline or LoRA student
+    with its sampler at ``steps`` (the model card's: ``guidance_scale``, and ``num_inference_steps`` or, for the
+    re-noising sampler, its trailing ``timesteps``), or (None, why) where no pipeline call expresses the sampler."""
+    s = meta["sampler"]
+    if str(meta.get("scheduler", "")).startswith("FlowMatch") and family in ("sd", "sdxl"):
+        return None, "the SD pipelines have no flow-matching loop: docs/reflow.md's manual loop samples this student"
+    kwargs: dict[str, Any] = {"guidance_scale": 1.0 if s.get("guidance") is None else s["guidance"]}
+    if s["solver"] == "renoise":
+        given = s.get("timesteps") if steps == s["steps"] else None
+        kwargs["timesteps"] = given or list(range(999, 0, -1000 // steps))[:steps]
+    else:
+        kwargs["num_inference_steps"] = steps
+    return kwargs, ""
+
+
 def lora_usage(meta: dict[str, Any]) -> str:
     """The plain-diffusers lines that sample a LoRA final/ (for its model card)."""
     s = meta["sampler"]
     fused = "".join(f'pipe.load_lora_weights("{f}")\npipe.fuse_lora()\npipe.unload_lora_weights()\n'
                     for f in meta.get("base_loras", []))
-    guidance = 1.0 if s.get("guidance") is None else s["guidance"]
-    steps = (f'timesteps={s.get("timesteps") or list(range(999, 0, -1000 // s["steps"]))[:s["steps"]]}'
-             if s["solver"] == "renoise" else f'num_inference_steps={s["steps"]}')
+    kwargs, _ = pipeline_call(meta, s["steps"], meta.get("family", "sd"))
+    kwargs = kwargs or {"num_inference_steps": s["steps"], "guidance_scale": 1.0}
+    guidance = kwargs.pop("guidance_scale")
+    steps = ", ".join(f"{k}={v}" for k, v in kwargs.items())
     return f"""```python
 import diffusers
 
@@ -260,4 +277,4 @@ def _schedule_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
     return {"name": spec.pop("name", "vp"), **spec}
 
 
-__all__ = ["diffusers_scheduler", "load_final", "pipeline_scheduler", "read_meta", "student_schedule_spec", "write_final"]
+__all__ = ["diffusers_scheduler", "load_final", "pipeline_call", "pipeline_scheduler", "read_meta", "student_schedule_spec", "write_final"]

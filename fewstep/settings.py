@@ -37,3 +37,4 @@ class LoopSettings:
     trackers: list[str] = field(default_factory=list)
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 shards every trained network; fewstep/sharding.py, docs/scaleout.md)
     fsdp_teacher: str = "replicate"  # replicate | shard: the frozen teacher under parallel=fsdp
+    compile: bool = False  # torch.compile every network the loss calls, per block (fewstep/compiling.py)

@@ -115,3 +115,37 @@ def test_a_failed_bench_leaves_no_report_and_the_rerun_succeeds(tmp_path, monkey
     assert main(argv) == 0
     assert sorted(p.name for p in out.iterdir()) == ["pareto.png", "report.json", "report.md"]
     assert partial_siblings(out) == []
+
+
+def test_bench_times_the_exported_pipeline_called_plainly(tmp_path, tiny_dirs, captioned_dir, monkeypatch):
+    """A pipeline student's bench report gains the deployed rows: the exported pipeline called as its model card
+    says, `pipe(prompts, num_inference_steps=k, guidance_scale=...)`, at batch 1 and 2, beside fewstep's sampler.
+    The pipeline's own __call__ is counted (wrapped here, in the test): warm-up + repeats per batch and step count,
+    each with num_inference_steps=k and the batch's prompts."""
+    import diffusers
+
+    from fewstep.run import build_loop
+    from tests.test_lora import _recipe
+
+    assert build_loop(_recipe(tmp_path, tiny_dirs["sd"], captioned_dir, "consistency"), log=lambda m: None).run().status \
+        == "finished"
+    final = tmp_path / "run" / "final"
+    calls = []
+    original = diffusers.StableDiffusionPipeline.__call__
+
+    def counted(self, prompt=None, **kwargs):
+        calls.append((len(prompt), kwargs.get("num_inference_steps"), kwargs.get("guidance_scale")))
+        return original(self, prompt, **kwargs)
+
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "__call__", counted)
+    out = tmp_path / "bench"
+    assert main(["bench", "--teacher", str(final), "--teacher-steps", "1", "--student", f"lcm={final}@2",
+                 "--num", "4", "--repeats", "1", "--warmup", "1", "--throughput-batch", "2", "--deploy-batches", "1,2",
+                 "--features", "inception", "--reference", str(captioned_dir), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = [(d["model"], d["steps"], d["batch"]) for d in report["deployed"]]
+    assert rows == [("teacher", 1, 1), ("teacher", 1, 2), ("lcm", 2, 1), ("lcm", 2, 2)]
+    assert all(d["pipeline_median_s"] > 0 and d["fewstep_median_s"] > 0 for d in report["deployed"])
+    expected = [(b, k, 1.0) for k in (1, 2) for b in (1, 2) for _ in range(1 + 1)]  # warm-up 1 + repeats 1
+    assert sorted(calls) == sorted(expected)
+    assert "## Deployed: the exported diffusers pipeline, called plainly" in (out / "report.md").read_text()

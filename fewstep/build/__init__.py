@@ -22,7 +22,7 @@ from ..networks import TrainedNetworks, freeze_teacher
 from ..settings import LoopSettings
 from ..schedules import Schedule
 from .checks import check_pairs, check_recipe
-from .data import DATA, build_data, make_prepare
+from .data import DATA, build_data, make_prepare, table_prompts
 from .loss import build_loss, check_data
 from .models import LoadedModel, build_model, cast_teacher, sample_shape
 from .optim import PhaseOptimizer, build_optimizers
@@ -121,7 +121,8 @@ def build(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None) -> Bu
     if recipe.evaluation is not None and student.kind != "classifier":
         evaluate = make_evaluate(student, recipe, sampler, seed=tr.seed)
     return BuiltRun(recipe, schedule, teacher, student, loss, dataset, settings, optimizers, lr_schedulers,
-                    make_prepare(student.pipeline or teacher.pipeline), sample_fn,
+                    make_prepare(student.pipeline or teacher.pipeline, table_prompts(dataset, tr.prompt_table),
+                                 progress=tr.progress), sample_fn,
                     make_export(recipe, student, sampler, schedule_spec), evaluate,
                     recipe.evaluation.best if recipe.evaluation is not None else None)
 

@@ -87,14 +87,29 @@ def build_data(recipe: Recipe, stage_outputs: dict[str, Path] | None = None):
     return lookup(DATA, dname, "data")(**check_kwargs(DATA[dname], dkw, "data"))
 
 
-def make_prepare(pipeline) -> Callable[[dict], dict] | None:
-    """For pipeline models: prompts -> condition tensors, images -> latents. Cached data passes through."""
+def table_prompts(dataset, limit: int) -> list[str] | None:
+    """The prompts a PromptTable should hold: a prompt file's, when it has at most ``limit`` distinct ones."""
+    from ..data.prompts import PromptDataset
+
+    if not isinstance(dataset, PromptDataset) or len(set(dataset.prompts)) > limit:
+        return None
+    return dataset.prompts
+
+
+def make_prepare(pipeline, prompts: list[str] | None = None, progress: bool = False) -> Callable[[dict], dict] | None:
+    """For pipeline models: prompts -> condition tensors, images -> latents. Cached data passes through. With
+    ``prompts`` (a prompt file's), their conditions are encoded once (fewstep.data.prompt_table) and looked up."""
     if pipeline is None:
         return None
+    encode = pipeline.encode_prompts
+    if prompts is not None:
+        from ..data.prompt_table import PromptTable
+
+        encode = PromptTable(prompts, pipeline.encode_prompts, progress=progress)
 
     def prepare(batch: dict) -> dict:
         if "prompt" in batch:
-            batch = {**batch, **pipeline.encode_prompts(list(batch["prompt"]))}
+            batch = {**batch, **encode(list(batch["prompt"]))}
         x0 = batch.get("x0")
         if isinstance(x0, Tensor) and x0.ndim == 4 and x0.shape[1] == 3:
             batch = {**batch, "x0": pipeline.encode_images(x0)}

@@ -11,7 +11,7 @@ from ..data.plan import is_stream
 from ..denoisers import Denoiser
 from ..errors import FewstepError
 from .checks import check_pairs
-from .data import build_data, make_prepare
+from .data import build_data, make_prepare, table_prompts
 from .models import build_model, cast_teacher, sample_shape
 from .sample import describe
 from .schedule import schedule_from
@@ -50,7 +50,8 @@ def pairs_job(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None) -
     cast_teacher(teacher, recipe.train.teacher_dtype)
     dataset = build_data(recipe, stage_outputs)
     p = recipe.pairs
+    encode = make_prepare(teacher.pipeline, table_prompts(dataset, recipe.train.prompt_table))
     return dict(teacher=teacher.denoiser, num=p.num, shard_size=p.shard_size, batch_size=p.batch_size, solver=p.solver,
                 steps=p.steps, guidance=p.guidance, spacing=p.spacing, seed=p.seed, shape=sample_shape(teacher),
-                conditions=pair_conditions(dataset, teacher.denoiser), encode=make_prepare(teacher.pipeline),
+                conditions=pair_conditions(dataset, teacher.denoiser), encode=encode,
                 teacher_name=describe(recipe.teacher))

@@ -29,6 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=20, help="timed batch-1 runs per entry")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--throughput-batch", type=int, default=64)
+    p.add_argument("--deploy-batches", default="1,8",
+                   help="batch sizes of the deployed rows: the exported diffusers pipeline called plainly beside "
+                        "fewstep's sampler, for pipeline students ('' to skip)")
     p.add_argument("--out", required=True, help="a new directory for report.json, report.md and pareto.png")
     p.set_defaults(run=run)
 
@@ -77,9 +80,36 @@ def timed_run(gen, steps: int, batch: int, seed: int):
     return run
 
 
-def write_report(rows: list[dict], out: Path, meta: dict) -> None:
+def deployed_rows(gen, name: str, steps: int, batches: list[int], args: argparse.Namespace) -> list[dict]:
+    """What users deploy: the exported diffusers pipeline called plainly (its model card's call, the empty prompt
+    as in fewstep's rows), timed beside fewstep's own sampler at each batch size; a row with ``skipped`` where no pipeline
+    call expresses the sampler."""
+    from ..eval.latency import measure
+    from ..export import pipeline_call
+
+    kwargs, why = pipeline_call(gen.meta, steps, gen.pipeline.family)
+    if kwargs is None:
+        return [{"model": name, "steps": steps, "skipped": why}]
+    pipe = gen.pipeline.pipe
+    pipe.set_progress_bar_config(disable=True)
+    prompt = ""  # the prompt fewstep's rows sample with (fewstep.generate.cycling_conditions)
+    out = []
+    for b in batches:
+        def plain(timer, b=b) -> None:
+            pipe([prompt] * b, generator=torch.Generator(pipe.device).manual_seed(args.seed), **kwargs)
+
+        ours = measure(timed_run(gen, steps, b, args.seed), warmup=args.warmup, repeats=args.repeats)
+        theirs = measure(plain, warmup=args.warmup, repeats=args.repeats)
+        out.append({"model": name, "steps": steps, "batch": b, "call": dict(kwargs),
+                    "fewstep_median_s": ours["median_s"], "pipeline_median_s": theirs["median_s"],
+                    "pipeline_p90_s": theirs["p90_s"]})
+    return out
+
+
+def write_report(rows: list[dict], out: Path, meta: dict, deployed: list[dict] | None = None) -> None:
     """report.json, report.md and pareto.png into ``out`` (a directory being built by ``atomic_dir``)."""
-    (out / "report.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    deployed = deployed or []
+    (out / "report.json").write_text(json.dumps({"meta": meta, "rows": rows, "deployed": deployed}, indent=2))
     lines = ["# fewstep bench", "", f"{meta['hardware']}; N = {meta['num']} samples per row; features: {meta['features']}; "
              f"latency at batch 1 over {meta['repeats']} runs after {meta['warmup']} warm-up runs.", "",
              "| model | steps | FD | KID | latency median ms | p90 ms | denoiser ms | text ms | VAE ms | throughput img/s |",
@@ -88,6 +118,18 @@ def write_report(rows: list[dict], out: Path, meta: dict) -> None:
         lines.append(f"| {r['model']} | {r['steps']} | {r['fd']:.2f} | {r.get('kid_mean', float('nan')):.4g} | "
                      f"{r['median_s'] * 1e3:.2f} | {r['p90_s'] * 1e3:.2f} | {r['denoiser_s'] * 1e3:.2f} | "
                      f"{r['text_encoder_s'] * 1e3:.2f} | {r['vae_decode_s'] * 1e3:.2f} | {r['throughput_img_s']:.1f} |")
+    if deployed:
+        lines += ["", "## Deployed: the exported diffusers pipeline, called plainly", "",
+                  "| model | steps | batch | call | fewstep sampler median ms | pipeline median ms | pipeline p90 ms | "
+                  "pipeline / fewstep |", "|---|---|---|---|---|---|---|---|"]
+        for d in deployed:
+            if "skipped" in d:
+                lines.append(f"| {d['model']} | {d['steps']} | | not timed: {d['skipped']} | | | | |")
+                continue
+            call = ", ".join(f"{k}={v}" for k, v in d["call"].items())
+            lines.append(f"| {d['model']} | {d['steps']} | {d['batch']} | `{call}` | {d['fewstep_median_s'] * 1e3:.2f} | "
+                         f"{d['pipeline_median_s'] * 1e3:.2f} | {d['pipeline_p90_s'] * 1e3:.2f} | "
+                         f"{d['pipeline_median_s'] / d['fewstep_median_s']:.2f} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     pareto_plot(rows, out / "pareto.png")
 
@@ -146,7 +188,9 @@ def measure_into(args: argparse.Namespace, todo: list[tuple[str, str, int]], out
     from ..eval.latency import measure
 
     generators: dict[str, Generator] = {}
-    rows = []
+    rows: list[dict] = []
+    deployed: list[dict] = []
+    batches = _steps(args.deploy_batches) if args.deploy_batches else []
     for name, directory, steps in tqdm(todo, desc="bench"):
         gen = generators.setdefault(directory, Generator.load(directory))
         samples = gen(args.num, seed=args.seed, steps=steps)
@@ -165,9 +209,13 @@ def measure_into(args: argparse.Namespace, todo: list[tuple[str, str, int]], out
             torch.cuda.reset_peak_memory_stats()
         rows.append({"model": name, "dir": directory, "steps": steps, **quality, **latency, "throughput_img_s": throughput,
                      **memory})
+        if gen.pipeline is not None:
+            deployed += deployed_rows(gen, name, steps, batches, args)
     hardware = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, "
                 f"{torch.get_num_threads()} threads)") + f", torch {torch.__version__}"
     meta = {"num": args.num, "seed": args.seed, "features": protocol, "reference": reference[3], "hardware": hardware,
             "repeats": args.repeats, "warmup": args.warmup, "throughput_batch": args.throughput_batch,
-            "peak_memory": "process peak RSS, cumulative over the run; on CUDA also max_allocated per row"}
-    write_report(rows, out, meta)
+            "peak_memory": "process peak RSS, cumulative over the run; on CUDA also max_allocated per row",
+            "deployed": "the exported pipeline called as its model card says (pipe(prompts, num_inference_steps=k or "
+                        "timesteps, guidance_scale), PIL output) beside fewstep's sampler (latents decoded), same batch"}
+    write_report(rows, out, meta, deployed)
