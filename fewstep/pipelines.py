@@ -145,24 +145,33 @@ class LoadedPipeline:
         return cls(self.net, self.schedule, self.prediction_type, null_cond=self.null_cond())
 
     # ------------------------------------------------------------------ VAE
+    def _vae_in_dtype(self):
+        """(the VAE, its compute dtype), cast once: ``ModelMixin.to`` walks every module and warns on each call, which
+        an online step (encode per batch) paid every time."""
+        vae, dtype = self.vae, self._vae_dtype()
+        if getattr(self, "_vae_cast", None) != dtype:  # every module, once (some may have been kept in float32)
+            vae.to(dtype)
+            self._vae_cast = dtype
+        return vae, dtype
+
     def _vae_dtype(self) -> torch.dtype:
         return torch.float32 if getattr(self.vae.config, "force_upcast", False) else self.vae.dtype
 
     @torch.no_grad()
     def encode_images(self, images: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
         """Images in [-1, 1] (B, 3, H, W) -> latents (z - shift) * scale; the posterior mean unless ``sample``."""
-        vae, dtype = self.vae, self._vae_dtype()
-        dist = vae.to(dtype).encode(images.to(self.vae.device, dtype)).latent_dist
+        vae, dtype = self._vae_in_dtype()
+        dist = vae.encode(images.to(self.vae.device, dtype)).latent_dist
         z = dist.sample(generator) if sample else dist.mean
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((z - shift) * vae.config.scaling_factor).float()
 
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Latents -> images in [-1, 1] (differentiable; wrap in no_grad when not training through it)."""
-        vae, dtype = self.vae, self._vae_dtype()
+        vae, dtype = self._vae_in_dtype()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         z = latents.to(vae.device, dtype) / vae.config.scaling_factor + shift
-        return vae.to(dtype).decode(z, return_dict=False)[0].float()
+        return vae.decode(z, return_dict=False)[0].float()
 
     # ------------------------------------------------------------------ save
     def save(self, directory: str | Path) -> Path:
