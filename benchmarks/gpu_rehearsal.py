@@ -54,8 +54,11 @@ CLIP_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads":
 SD_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
                 "set_alpha_to_one": False, "steps_offset": 1}
 RESOLUTION = {"sd": 512, "sdxl": 1024, "sd3": 1024}
-#: (label, recipe, overrides): every SD recipe, and DMD's 4-step generator (backward simulation)
-EXTRA = [("sd15_dmd@4steps", "sd15_dmd", ["loss.steps=4", "sample.steps=4"])]
+#: (label, recipe, overrides): every SD recipe, DMD's 4-step generator (backward simulation), and one SD 1.5 and one
+#: SDXL recipe with train.compile (regional torch.compile; the first step of each phase compiles and is not counted)
+EXTRA = [("sd15_dmd@4steps", "sd15_dmd", ["loss.steps=4", "sample.steps=4"]),
+         ("sd15_lcm@compile", "sd15_lcm", ["train.compile=true"]),
+         ("sdxl_lcm_lora@compile", "sdxl_lcm_lora", ["train.compile=true"])]
 
 
 def real_pipeline(family: str, directory: Path) -> Path:

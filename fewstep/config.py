@@ -98,6 +98,8 @@ class PairsSection:
     guidance: float | None = None
     spacing: str | None = None
     seed: int = 0
+    encoder_propagation: list[int] | None = None  # key steps of Faster Diffusion's encoder reuse; None: off
+    channels_last: bool = False  # the teacher's convolutions in channels_last memory format (pays off on GPUs)
 
 
 @dataclass
@@ -319,6 +321,10 @@ def validate(raw: dict[str, Any]) -> Recipe:
     for key in ("num", "shard_size", "batch_size", "steps"):
         if getattr(pairs, key) < 1:
             raise FewstepError(f"pairs.{key} must be at least 1, got {getattr(pairs, key)}")
+    keys = pairs.encoder_propagation
+    if keys is not None and (not keys or min(keys) < 0 or len(set(keys)) != len(keys)):
+        raise FewstepError(f"pairs.encoder_propagation: distinct step indices >= 0 (the paper's: 0, 1, 2, 3, 5, 10, 15, "
+                           f"25, 35), or null for off; got {keys}")
     if student.schedule not in (None, "flow"):
         raise FewstepError(f"unknown student.schedule {student.schedule!r}; valid: flow (or leave it unset)")
     stages = raw.get("stages") or []

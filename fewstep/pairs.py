@@ -89,18 +89,23 @@ def generate_pairs(
     teacher_name: str | None = None,
     progress: bool = True,
     max_shards: int | None = None,
+    encoder_propagation: Sequence[int] | None = None,
 ) -> list[Path]:
     """Write this process's missing shards; returns the shards it wrote.
 
     ``conditions(indices)`` gives each index's condition (``class_labels`` tensor and/or ``prompt``
     list); ``encode`` turns a batch with prompts into the teacher's condition tensors.
-    ``max_shards`` stops after that many new shards (for tests of resumption).
+    ``max_shards`` stops after that many new shards (for tests of resumption). ``encoder_propagation``: the key
+    steps (indices into the grid) of Faster Diffusion's encoder propagation (fewstep.propagation), an approximation
+    recorded in the manifest; None runs the whole UNet at every step.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     manifest = {"num": num, "shard_size": shard_size, "solver": solver, "steps": steps, "guidance": guidance,
                 "spacing": spacing, "seed": seed, "shape": list(shape), "teacher": teacher_name,
                 "num_shards": -(-num // shard_size), "format": 2}  # format 2: the ODE ends at sigma = 0
+    if encoder_propagation is not None:  # other pairs than exact ones: a directory of exact pairs refuses them
+        manifest["encoder_propagation"] = list(encoder_propagation)
     _check_manifest(directory, manifest)
     if rank == 0 and not (directory / MANIFEST).exists():
         write_json_atomic(manifest, directory / MANIFEST)
@@ -108,6 +113,10 @@ def generate_pairs(
     # (set_alpha_to_one false) would leave; diffusers' DPM-Solver ends there too (final_sigmas_type "zero")
     teacher = teacher.with_schedule(teacher.schedule.with_clean_end())
     grid = teacher.schedule.sampling_grid(steps, spacing)
+    if encoder_propagation is not None:
+        from .propagation import EncoderPropagation, key_timesteps
+
+        teacher = teacher.with_network(EncoderPropagation(teacher.net, key_timesteps(grid, encoder_propagation)))
     todo = [k for k in range(rank, manifest["num_shards"], world_size) if not shard_ok(directory / shard_name(k))]
     written: list[Path] = []
     teacher = teacher.to(device).eval()

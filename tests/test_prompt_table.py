@@ -8,11 +8,22 @@ from fewstep.config import validate
 
 @pytest.fixture
 def text_encoder_calls():
-    """The number of CLIP text-encoder forwards in this process since the fixture started (a global module hook:
-    nothing of fewstep's is patched)."""
+    """The CLIP text-encoder forwards in this process since the fixture started (a global module hook: nothing of
+    fewstep's is patched); ``vae_encoder_calls`` the same for the VAE's encoder."""
     calls = []
     hook = torch.nn.modules.module.register_module_forward_hook(
         lambda m, args, out: calls.append(1) if isinstance(m, CLIPTextModel) else None)
+    yield calls
+    hook.remove()
+
+
+@pytest.fixture
+def vae_encoder_calls():
+    from diffusers.models.autoencoders.vae import Encoder
+
+    calls = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, args, out: calls.append(1) if isinstance(m, Encoder) else None)
     yield calls
     hook.remove()
 
@@ -29,9 +40,10 @@ def _dmd(tmp_path, tiny_sd, table: int):
 
 
 def test_a_dmd_step_on_prompt_data_runs_the_text_encoder_zero_times_after_warm_up(tmp_path, tiny_dirs,
-                                                                                  text_encoder_calls):
+                                                                                  text_encoder_calls, vae_encoder_calls):
     """The built-in 40 prompts: the first step encodes them all (one chunk of 64, one forward); the next steps run the
-    text encoder zero times. With train.prompt_table=0 every step encodes its batch (one forward a step)."""
+    text encoder zero times. With train.prompt_table=0 every step encodes its batch (one forward a step). The VAE's
+    encoder never runs: the loss needs no pixels."""
     from fewstep.run import build_loop
 
     for table, expected in ((10_000, [1] + [0] * 11), (0, [1] * 12)):
@@ -44,6 +56,7 @@ def test_a_dmd_step_on_prompt_data_runs_the_text_encoder_zero_times_after_warm_u
             per_step.append(len(text_encoder_calls) - before)
         assert per_step == expected, (table, per_step)
         assert set(loop.phase_steps) == {"fake_score", "generator"} and min(loop.phase_steps.values()) > 0
+    assert vae_encoder_calls == []
 
 
 def test_the_table_answers_what_the_encoder_answers_and_encodes_strangers_as_before(tiny_dirs, text_encoder_calls):

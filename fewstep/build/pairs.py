@@ -51,7 +51,9 @@ def pairs_job(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None) -
     dataset = build_data(recipe, stage_outputs)
     p = recipe.pairs
     encode = make_prepare(teacher.pipeline, table_prompts(dataset, recipe.train.prompt_table))
+    if p.channels_last and hasattr(teacher.denoiser, "net"):
+        teacher.denoiser.net.to(memory_format=torch.channels_last)  # this job's own teacher
     return dict(teacher=teacher.denoiser, num=p.num, shard_size=p.shard_size, batch_size=p.batch_size, solver=p.solver,
                 steps=p.steps, guidance=p.guidance, spacing=p.spacing, seed=p.seed, shape=sample_shape(teacher),
                 conditions=pair_conditions(dataset, teacher.denoiser), encode=encode,
-                teacher_name=describe(recipe.teacher))
+                teacher_name=describe(recipe.teacher), encoder_propagation=p.encoder_propagation)

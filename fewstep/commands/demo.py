@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     students = [f"{name}={final_dir(recipe, out, name)}" for name, recipe in recipes.items()]
     bench = argparse.Namespace(teacher=str(teacher), teacher_steps="1,2,4,8,25", student=students, student_steps="1,2,4",
                                num=settings["num"], seed=0, reference="digits", features=None, inception_weights=None,
-                               repeats=settings["repeats"], warmup=2, throughput_batch=64)
+                               repeats=settings["repeats"], warmup=2, throughput_batch=64, deploy_batches="1,8")
     # the report appears complete (table, plot, grids) or not at all: built beside, renamed at the end
     with atomic_dir(report) as tmp:
         measure_into(bench, entries(bench), tmp)

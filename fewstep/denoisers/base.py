@@ -169,6 +169,17 @@ class Denoiser(nn.Module):
         other.schedule = schedule
         return other
 
+    def with_network(self, net: nn.Module) -> "Denoiser":
+        """This denoiser calling ``net`` in place of its network (a shallow copy with its own module table; this
+        one is left as it is), e.g. fewstep.propagation.EncoderPropagation around the same UNet."""
+        import copy
+
+        if "net" not in self._modules:
+            raise FewstepError(f"{type(self).__name__} has no network to stand in for")
+        other = copy.copy(self)
+        other._modules = {**self._modules, "net": net}
+        return other
+
     def forward(
         self,
         x_t: Tensor,
