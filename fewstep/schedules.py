@@ -250,16 +250,44 @@ class FlowSchedule(Schedule):
     """Rectified-flow schedule x_t = (1 - s) x0 + s eps with t = T s (Liu et al. 2022; Esser et al. 2024).
 
     ``shift`` only changes the sampling grid (s -> shift s / (1 + (shift - 1) s), as SD3), not the model.
+    ``dynamic`` (FLUX.1's resolution-dependent shifting, diffusers' ``use_dynamic_shifting``): the grid is shifted by
+    mu, interpolated linearly in the image's token count between ``base_seq_len`` -> ``base_shift`` and
+    ``max_seq_len`` -> ``max_shift`` (diffusers' ``calculate_shift``); ``for_sequence(n)`` fixes it for one size.
     """
 
     kind = "flow"
     t_clean = 0.0
 
-    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0) -> None:
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, dynamic: Mapping[str, Any] | None = None,
+                 mu: float | None = None) -> None:
         if shift <= 0:
             raise FewstepError(f"shift must be positive, got {shift}")
         self.num_train_timesteps = int(num_train_timesteps)
         self.shift = float(shift)
+        self.dynamic = dict(dynamic) if dynamic is not None else None
+        if self.dynamic is not None:
+            check_choice(self.dynamic.get("time_shift_type", "exponential"), ("exponential", "linear"), "time_shift_type")
+        self.mu = mu
+
+    def mu_for(self, seq_len: int) -> float:
+        """FLUX.1's mu for an image of ``seq_len`` tokens (diffusers' ``calculate_shift``)."""
+        d = self.dynamic or {}
+        base_len, max_len = d.get("base_seq_len", 256), d.get("max_seq_len", 4096)
+        base_shift, max_shift = d.get("base_shift", 0.5), d.get("max_shift", 1.15)
+        m = (max_shift - base_shift) / (max_len - base_len)
+        return seq_len * m + (base_shift - m * base_len)
+
+    def for_sequence(self, seq_len: int) -> "FlowSchedule":
+        """This schedule with its resolution-dependent shift fixed for images of ``seq_len`` tokens."""
+        if self.dynamic is None:
+            raise FewstepError("for_sequence: this flow schedule has a static shift (no use_dynamic_shifting)")
+        return FlowSchedule(self.num_train_timesteps, self.shift, self.dynamic, self.mu_for(seq_len))
+
+    def _dynamic_shifted(self, s: np.ndarray) -> np.ndarray:
+        mu = self.mu
+        if self.dynamic.get("time_shift_type", "exponential") == "exponential":
+            return math.exp(mu) / (math.exp(mu) + (1 / s - 1))
+        return mu / (mu + (1 / s - 1))
 
     def alpha_sigma(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
         s = (torch.as_tensor(t, dtype=torch.float64) / self.num_train_timesteps).clamp(0, 1)
@@ -282,6 +310,12 @@ class FlowSchedule(Schedule):
         T = self.num_train_timesteps
         if spacing == "lcm":  # the skipping-step grid in flow time t = 1000 s (consistency students)
             return torch.tensor(lcm_timesteps(num_steps, T, original_steps), dtype=torch.float64)
+        if self.dynamic is not None:  # FluxPipeline's grid: sigmas linspace(1, 1/n, n), shifted by mu
+            if self.mu is None:
+                raise FewstepError("this flow schedule shifts with the resolution (use_dynamic_shifting): its timesteps "
+                                   "need the image's token count; use schedule.for_sequence(num_tokens)")
+            s = self._dynamic_shifted(np.linspace(1.0, 1.0 / num_steps, num_steps))
+            return torch.tensor(s * T, dtype=torch.float64)
         s_min = float(self.shifted(np.array(1.0 / T)))
         s = self.shifted(np.linspace(1.0, s_min, num_steps))
         return torch.tensor(s * T, dtype=torch.float64)
@@ -341,9 +375,17 @@ def schedule_from_config(config: Mapping[str, Any]) -> Schedule:
     name = config.get("_class_name", "")
     T = int(config.get("num_train_timesteps", 1000))
     if name in FLOW_SCHEDULERS or name.startswith("FlowMatch"):
+        dynamic = None
         if config.get("use_dynamic_shifting"):
-            raise FewstepError(f"{name} with use_dynamic_shifting=True is not supported; set a static shift")
-        return FlowSchedule(T, shift=float(config.get("shift", 1.0)))
+            unsupported = [k for k in ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+                           if config.get(k)]
+            if unsupported:
+                raise FewstepError(f"{name} with use_dynamic_shifting and {', '.join(unsupported)} is not supported")
+            dynamic = {"base_seq_len": config.get("base_image_seq_len", 256),
+                       "max_seq_len": config.get("max_image_seq_len", 4096),
+                       "base_shift": config.get("base_shift", 0.5), "max_shift": config.get("max_shift", 1.15),
+                       "time_shift_type": config.get("time_shift_type", "exponential")}
+        return FlowSchedule(T, shift=float(config.get("shift", 1.0)), dynamic=dynamic)
     if config.get("trained_betas") is not None:
         betas = np.asarray(config["trained_betas"], dtype=np.float64)
     else:

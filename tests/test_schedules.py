@@ -113,5 +113,38 @@ def test_prediction_types_and_errors():
         make_schedule("edm")
     with pytest.raises(FewstepError, match="valid: epsilon, v_prediction, sample"):
         prediction_type_from_config({"prediction_type": "x0"})
-    with pytest.raises(FewstepError, match="dynamic"):
-        schedule_from_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True})
+    with pytest.raises(FewstepError, match="dynamic"):  # resolution-dependent: no grid without the token count
+        schedule_from_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True}).timesteps(4)
+    with pytest.raises(FewstepError, match="shift_terminal"):
+        schedule_from_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True,
+                              "shift_terminal": 0.02})
+
+
+#: FLUX.1-dev's scheduler config (black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json; the hub is offline here,
+#: so the values are as public trainers reproduce them, e.g. ostris/ai-toolkit's Flux scheduler_config)
+FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                  "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                  "max_image_seq_len": 4096}
+
+
+@pytest.mark.parametrize("pixels", [512, 1024])
+def test_flux_dynamic_shift_grid_equals_diffusers_at_two_resolutions(pixels):
+    """FLUX.1's resolution-dependent grid: mu from the image's token count ((pixels / 16)^2: 8x VAE, 2x2 packing) as
+    FluxPipeline's calculate_shift, and the shifted sigmas of FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=
+    linspace(1, 1/n, n), mu) (FluxPipeline's call), to 1e-5."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    tokens = (pixels // 16) ** 2
+    ours = schedule_from_config(FLUX_SCHEDULER).for_sequence(tokens)
+    mu = calculate_shift(tokens, 256, 4096, 0.5, 1.15)
+    assert abs(ours.mu - mu) < 1e-12
+    ref = FlowMatchEulerDiscreteScheduler.from_config(FLUX_SCHEDULER)
+    for n in (1, 4, 28):
+        ref.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=mu)
+        grid = ours.timesteps(n)
+        assert torch.allclose(grid / 1000, ref.sigmas[:-1].double(), atol=1e-5), (pixels, n)
+        assert torch.allclose(grid, ref.timesteps.double(), atol=1e-3)
+    static = schedule_from_config({**FLUX_SCHEDULER, "use_dynamic_shifting": False}).timesteps(28)
+    assert (ours.timesteps(28) - static).abs().max() > 1  # the check can fail: the static shift-3 grid differs
