@@ -13,6 +13,11 @@ build the recipe's loop and time ``train_step`` until every phase has run twice 
 kernels and allocators, is not counted) or the stage's guard runs out. Nothing is checkpointed or exported: a stage
 whose student is an earlier stage's model starts from the teacher instead (same architecture). The whole run
 stops starting stages when --budget seconds are spent, and says which it left out.
+
+Then (unless --no-latency) one-step latency: SD 1.5 at 512 px and SDXL at 1024 px in float16, the pipeline called
+plainly, with its UNet uncompiled and then compiled per block (train.compile's regional compilation); the
+compile's warm-up time is reported apart. sd15_lcm@compile and sdxl_lcm_lora@compile time the training step with
+train.compile beside the same recipes uncompiled.
 """
 from __future__ import annotations
 
@@ -213,6 +218,60 @@ def rehearse(label: str, name: str, extra: list[str], stand: tuple, root: Path, 
     return rows
 
 
+def latency_rows(pipes: dict[str, Path], tiny: bool, repeats: int = 5) -> list[dict]:
+    """One-step latency of SD 1.5 at 512 px and SDXL at 1024 px (float16 on a GPU; tiny and float32 on a CPU): the
+    pipeline called plainly (`pipe(prompt, num_inference_steps=1, guidance_scale=0)`), then with its UNet compiled
+    per block (fewstep.compiling.compile_regions: diffusers' _repeated_blocks); median of ``repeats`` after warm-up
+    (the compiled warm-up includes the compile, reported apart)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from fewstep.compiling import compile_regions
+    from fewstep.testing.tiny import TINY_RESOLUTION
+
+    rows = []
+    for fam, cls in (("sd", StableDiffusionPipeline), ("sdxl", StableDiffusionXLPipeline)):
+        res = TINY_RESOLUTION if tiny else RESOLUTION[fam]
+        dtype = torch.float32 if tiny else torch.float16
+        pipe = cls.from_pretrained(pipes[fam], torch_dtype=dtype).to("cpu" if tiny else "cuda")
+        pipe.set_progress_bar_config(disable=True)
+
+        def call() -> None:
+            pipe("a photo of a cat", num_inference_steps=1, guidance_scale=0.0, height=res, width=res, output_type="pt")
+
+        for compiled in (False, True):
+            t0 = time.perf_counter()
+            if compiled:
+                compile_regions(pipe.unet)
+            call()  # warm-up (compiles on the compiled pass)
+            sync()
+            warm = time.perf_counter() - t0
+            times = []
+            for _ in range(repeats):
+                sync()
+                t1 = time.perf_counter()
+                call()
+                sync()
+                times.append(time.perf_counter() - t1)
+            rows.append({"family": fam, "resolution": res, "dtype": str(dtype).split(".")[-1], "compiled": compiled,
+                         "median_s": statistics.median(times), "warmup_s": warm, "peak_gib": peak_gib()})
+        pipe = None  # freed before the next family's
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows
+
+
+def latency_table(rows: list[dict]) -> str:
+    out = ["| pipeline | resolution | dtype | UNet compiled | one-step median ms | warm-up s | ratio to uncompiled |",
+           "|---|---|---|---|---|---|---|"]
+    base = {}
+    for r in rows:
+        base.setdefault(r["family"], r["median_s"])
+        out.append(f"| {r['family']} | {r['resolution']} | {r['dtype']} | {r['compiled']} | {r['median_s'] * 1e3:.1f} | "
+                   f"{r['warmup_s']:.1f} | {r['median_s'] / base[r['family']]:.2f} |")
+    return "\n".join(out)
+
+
 def table(rows: list[dict]) -> str:
     out = ["| recipe | stage | batch | phase: median step s (steps run) | pairs/s | peak CUDA GiB | status |",
            "|---|---|---|---|---|---|---|"]
@@ -234,6 +293,7 @@ def main() -> int:
     ap.add_argument("--recipes", default=None, help="comma-separated labels (default: every SD recipe and sd15_dmd@4steps)")
     ap.add_argument("--tiny", action="store_true", help="the tiny pipelines even when CUDA is there")
     ap.add_argument("--out", default=None, help="write the rows as JSON here too")
+    ap.add_argument("--no-latency", action="store_true", help="skip the one-step latency rows (compile off / on)")
     args = ap.parse_args()
     start = time.perf_counter()
     tiny = args.tiny or not torch.cuda.is_available()
@@ -255,10 +315,22 @@ def main() -> int:
         for label, name, extra in jobs:
             rows += rehearse(label, name, extra, stand, root, tiny, args.guard, start + args.budget)
             print(table(rows[-1:]).splitlines()[-1], flush=True)
-    print(f"\n{table(rows)}\n\ntotal {time.perf_counter() - start:.0f} s")
+        latency = []
+        if not args.no_latency and time.perf_counter() < start + args.budget:
+            try:
+                latency = latency_rows(stand[0], tiny)
+            except Exception as e:  # reported, as the training rows are
+                latency = [{"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}]
+    print(f"\n{table(rows)}\n")
+    if latency and "error" in latency[0]:
+        print(f"one-step latency: error: {latency[0]['error']}\n")
+    elif latency:
+        print(f"{latency_table(latency)}\n")
+    print(f"total {time.perf_counter() - start:.0f} s")
     if args.out:
-        write_json_atomic({"device": device, "rows": rows}, Path(args.out))
-    return 1 if any(r["status"].startswith("error") for r in rows) else 0
+        write_json_atomic({"device": device, "rows": rows, "latency": latency}, Path(args.out))
+    failed = any(r["status"].startswith("error") for r in rows) or bool(latency and "error" in latency[0])
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

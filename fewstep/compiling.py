@@ -15,8 +15,18 @@ from torch import nn
 from .sharding import shard_units
 
 
+#: graphs dynamo may keep per region's code: a UNet's blocks of one class run at several widths, resolutions and
+#: memory layouts (and with and without grad in training), each its own graph. With torch's default of 8, SDXL's
+#: BasicTransformerBlocks hit the limit in one call (benchmarks/gpu_rehearsal.py, CPU mode) and the rest ran eagerly.
+RECOMPILE_LIMIT = 64
+
+
 def compile_regions(net: nn.Module) -> int:
-    """Compile ``net``'s regions in place (see the module docstring); how many were compiled."""
+    """Compile ``net``'s regions in place (see the module docstring); how many were compiled. Raises dynamo's
+    per-code recompile limit to RECOMPILE_LIMIT (process-wide) if it is lower."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     names = getattr(net, "_repeated_blocks", None) or ()
     regions = [m for m in net.modules() if type(m).__name__ in names] or shard_units(net) or [net]
     for m in regions:
