@@ -1,4 +1,4 @@
-"""Tiny SD-1.5-, SDXL- and SD3-shaped pipelines from configs (random weights), built offline in < 1 s.
+"""Tiny SD-1.5-, SDXL-, SD3- and FLUX.1-shaped pipelines from configs (random weights), built offline in < 1 s.
 
 They have the real classes and wiring of the big ones, so a recipe that runs against a tiny pipeline
 saved to disk exercises the same ``from_pretrained`` path as Stable Diffusion itself.
@@ -21,7 +21,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..errors import lookup
-from .tokenizer import write_clip_tokenizer
+from .tokenizer import T5_PIECES, t5_tokenizer, write_clip_tokenizer
 
 TEXT_DIM = 32
 SAMPLE_SIZE = 16  # latent side; images are 32 x 32 (VAE scale factor 2)
@@ -96,11 +96,35 @@ def tiny_sd3(tmp: Path) -> StableDiffusion3Pipeline:
     )
 
 
-BUILDERS = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3}
+#: FLUX.1-dev's scheduler config (scheduler/scheduler_config.json): resolution-dependent shifting
+FLUX_SCHEDULER = {"shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+                  "base_image_seq_len": 256, "max_image_seq_len": 4096}
+
+
+def tiny_flux(tmp: Path):
+    """FLUX.1 [dev]-shaped: CLIP (pooled) + T5 (sequence) text encoders, a FluxTransformer2DModel with the guidance
+    embedding, 4 latent channels packed 2x2 into 16 (FLUX.1 has 16, packed into 64), the dynamic-shift scheduler."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    tok = _tokenizer(tmp / "tok")
+    t5 = T5EncoderModel(T5Config(vocab_size=len(T5_PIECES), d_model=TEXT_DIM, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=TEXT_DIM,
+                                         pooled_projection_dim=TEXT_DIM, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), transformer=transformer,
+        vae=_vae(scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=CLIPTextModel(_text_config(tok)), tokenizer=tok, text_encoder_2=t5, tokenizer_2=t5_tokenizer(),
+    )
+
+
+BUILDERS = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux}
 
 
 def build_tiny_pipeline(family: str, tmp: str | Path, seed: int = 0, **kwargs):
-    """A tiny pipeline of ``family`` (sd, sdxl, sd3) with seeded random weights; ``tmp`` holds its tokenizer files.
+    """A tiny pipeline of ``family`` (sd, sdxl, sd3, flux) with seeded random weights; ``tmp`` holds its tokenizer files.
     ``kwargs`` go to the builder (sd: ``channels``, the UNet's two block widths)."""
     builder = lookup(BUILDERS, family, "pipeline family")
     torch.manual_seed(seed)
