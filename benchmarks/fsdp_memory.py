@@ -55,7 +55,7 @@ def child(spec: str) -> None:
     from transformers import CLIPTextModel  # noqa: F401
 
     from fewstep.config import validate
-    from fewstep.memory import estimate, largest_unit_bytes, per_process_bytes
+    from fewstep.memory import estimate, largest_unit_bytes, own_bytes, per_process_bytes
     from fewstep.run import build_loop
 
     raw = json.loads(spec)
@@ -63,8 +63,7 @@ def child(spec: str) -> None:
     loop = build_loop(validate(raw), log=lambda m: None)
     nets = [loop.teacher.net, *loop.networks.bare.values()]
     est = estimate(nets, ema_params=sum(p.numel() for p in loop.student_params))  # global sizes (DTensor.numel)
-    trained = {id(p) for m in loop.networks.bare.values() for p in m.parameters()}
-    teacher_only = sum(p.numel() * p.element_size() for p in loop.teacher.net.parameters() if id(p) not in trained)
+    teacher_only = own_bytes(loop.teacher.net, list(loop.networks.bare.values()))
     train = raw["train"]
     share = per_process_bytes(est.bytes, teacher_only if train["fsdp_teacher"] == "replicate" else 0.0,
                               largest_unit_bytes(nets), processes=loop.acc.num_processes, parallel=train["parallel"])

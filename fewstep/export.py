@@ -202,7 +202,8 @@ def lora_usage(meta: dict[str, Any]) -> str:
     fused = "".join(f'pipe.load_lora_weights("{f}")\npipe.fuse_lora()\npipe.unload_lora_weights()\n'
                     for f in meta.get("base_loras", []))
     kwargs, _ = pipeline_call(meta, s["steps"], meta.get("family", "sd"))
-    kwargs = kwargs or {"num_inference_steps": s["steps"], "guidance_scale": 1.0}
+    kwargs = kwargs or {"num_inference_steps": s["steps"], "guidance_scale": 1.0 if s.get("guidance") is None
+                        else s["guidance"]}
     guidance = kwargs.pop("guidance_scale")
     steps = ", ".join(f"{k}={v}" for k, v in kwargs.items())
     return f"""```python

@@ -64,6 +64,15 @@ def lora_parameter_count(net: nn.Module, rank: int, targets: list[str]) -> int:
     return count
 
 
+def own_bytes(net: nn.Module | None, shared_with: list[nn.Module]) -> int:
+    """Bytes of ``net``'s parameters that none of ``shared_with`` holds (a teacher under a LoRA fake score shares
+    its weights with that trained network): what fsdp's ``fsdp_teacher: replicate`` keeps whole on every process."""
+    if net is None:
+        return 0
+    shared = {id(p) for m in shared_with for p in m.parameters()}
+    return sum(p.numel() * p.element_size() for p in net.parameters() if id(p) not in shared)
+
+
 def largest_unit_bytes(nets: list[nn.Module | None]) -> int:
     """Weights of the largest FSDP unit (fewstep.sharding.shard_units) of ``nets``: what an fsdp process gathers
     whole for one block's forward or backward."""
@@ -83,4 +92,4 @@ def per_process_bytes(total: float, replicated: float, unit: float, *, processes
     return (total - replicated) / processes + replicated + 2 * unit
 
 
-__all__ = ["Estimate", "OPTIMIZER_STATES", "estimate", "largest_unit_bytes", "lora_parameter_count", "per_process_bytes"]
+__all__ = ["Estimate", "OPTIMIZER_STATES", "estimate", "largest_unit_bytes", "lora_parameter_count", "own_bytes", "per_process_bytes"]

@@ -246,6 +246,11 @@ class VPSchedule(Schedule):
         return eps
 
 
+#: FLUX.1's dynamic-shift parameters where a config leaves them out (diffusers' FlowMatchEulerDiscreteScheduler defaults)
+DYNAMIC_SHIFT = {"base_seq_len": 256, "max_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15,
+                 "time_shift_type": "exponential"}
+
+
 class FlowSchedule(Schedule):
     """Rectified-flow schedule x_t = (1 - s) x0 + s eps with t = T s (Liu et al. 2022; Esser et al. 2024).
 
@@ -264,18 +269,16 @@ class FlowSchedule(Schedule):
             raise FewstepError(f"shift must be positive, got {shift}")
         self.num_train_timesteps = int(num_train_timesteps)
         self.shift = float(shift)
-        self.dynamic = dict(dynamic) if dynamic is not None else None
+        self.dynamic = {**DYNAMIC_SHIFT, **dynamic} if dynamic is not None else None
         if self.dynamic is not None:
-            check_choice(self.dynamic.get("time_shift_type", "exponential"), ("exponential", "linear"), "time_shift_type")
+            check_choice(self.dynamic["time_shift_type"], ("exponential", "linear"), "time_shift_type")
         self.mu = mu
 
     def mu_for(self, seq_len: int) -> float:
         """FLUX.1's mu for an image of ``seq_len`` tokens (diffusers' ``calculate_shift``)."""
-        d = self.dynamic or {}
-        base_len, max_len = d.get("base_seq_len", 256), d.get("max_seq_len", 4096)
-        base_shift, max_shift = d.get("base_shift", 0.5), d.get("max_shift", 1.15)
-        m = (max_shift - base_shift) / (max_len - base_len)
-        return seq_len * m + (base_shift - m * base_len)
+        d = self.dynamic or DYNAMIC_SHIFT
+        m = (d["max_shift"] - d["base_shift"]) / (d["max_seq_len"] - d["base_seq_len"])
+        return seq_len * m + (d["base_shift"] - m * d["base_seq_len"])
 
     def for_sequence(self, seq_len: int) -> "FlowSchedule":
         """This schedule with its resolution-dependent shift fixed for images of ``seq_len`` tokens."""
@@ -285,7 +288,7 @@ class FlowSchedule(Schedule):
 
     def _dynamic_shifted(self, s: np.ndarray) -> np.ndarray:
         mu = self.mu
-        if self.dynamic.get("time_shift_type", "exponential") == "exponential":
+        if self.dynamic["time_shift_type"] == "exponential":
             return math.exp(mu) / (math.exp(mu) + (1 / s - 1))
         return mu / (mu + (1 / s - 1))
 
@@ -381,10 +384,8 @@ def schedule_from_config(config: Mapping[str, Any]) -> Schedule:
                            if config.get(k)]
             if unsupported:
                 raise FewstepError(f"{name} with use_dynamic_shifting and {', '.join(unsupported)} is not supported")
-            dynamic = {"base_seq_len": config.get("base_image_seq_len", 256),
-                       "max_seq_len": config.get("max_image_seq_len", 4096),
-                       "base_shift": config.get("base_shift", 0.5), "max_shift": config.get("max_shift", 1.15),
-                       "time_shift_type": config.get("time_shift_type", "exponential")}
+            names = {"base_seq_len": "base_image_seq_len", "max_seq_len": "max_image_seq_len"}
+            dynamic = {k: config[names.get(k, k)] for k in DYNAMIC_SHIFT if names.get(k, k) in config}
         return FlowSchedule(T, shift=float(config.get("shift", 1.0)), dynamic=dynamic)
     if config.get("trained_betas") is not None:
         betas = np.asarray(config["trained_betas"], dtype=np.float64)

@@ -14,6 +14,7 @@ from fewstep.schedules import (
     schedule_from_config,
     x0_eps_from_native,
 )
+from fewstep.testing.tiny import FLUX_SCHEDULER as TINY_FLUX_SCHEDULER
 
 
 @pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
@@ -120,11 +121,8 @@ def test_prediction_types_and_errors():
                               "shift_terminal": 0.02})
 
 
-#: FLUX.1-dev's scheduler config (black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json; the hub is offline here,
-#: so the values are as public trainers reproduce them, e.g. ostris/ai-toolkit's Flux scheduler_config)
-FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
-                  "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
-                  "max_image_seq_len": 4096}
+#: FLUX.1-dev's scheduler config, as the tiny FLUX fixture carries it (fewstep/testing/tiny.py FLUX_SCHEDULER)
+FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, **TINY_FLUX_SCHEDULER}
 
 
 @pytest.mark.parametrize("pixels", [512, 1024])

@@ -80,10 +80,11 @@ def timed_run(gen, steps: int, batch: int, seed: int):
     return run
 
 
-def deployed_rows(gen, name: str, steps: int, batches: list[int], args: argparse.Namespace) -> list[dict]:
+def deployed_rows(gen, name: str, steps: int, batches: list[int], args: argparse.Namespace,
+                  batch1_s: float) -> list[dict]:
     """What users deploy: the exported diffusers pipeline called plainly (its model card's call, the empty prompt
     as in fewstep's rows), timed beside fewstep's own sampler at each batch size; a row with ``skipped`` where no pipeline
-    call expresses the sampler."""
+    call expresses the sampler. ``batch1_s``: fewstep's batch-1 latency, already measured for the row."""
     from ..eval.latency import measure
     from ..export import pipeline_call
 
@@ -98,10 +99,11 @@ def deployed_rows(gen, name: str, steps: int, batches: list[int], args: argparse
         def plain(timer, b=b) -> None:
             pipe([prompt] * b, generator=torch.Generator(pipe.device).manual_seed(args.seed), **kwargs)
 
-        ours = measure(timed_run(gen, steps, b, args.seed), warmup=args.warmup, repeats=args.repeats)
+        ours = batch1_s if b == 1 else \
+            measure(timed_run(gen, steps, b, args.seed), warmup=args.warmup, repeats=args.repeats)["median_s"]
         theirs = measure(plain, warmup=args.warmup, repeats=args.repeats)
         out.append({"model": name, "steps": steps, "batch": b, "call": dict(kwargs),
-                    "fewstep_median_s": ours["median_s"], "pipeline_median_s": theirs["median_s"],
+                    "fewstep_median_s": ours, "pipeline_median_s": theirs["median_s"],
                     "pipeline_p90_s": theirs["p90_s"]})
     return out
 
@@ -210,7 +212,7 @@ def measure_into(args: argparse.Namespace, todo: list[tuple[str, str, int]], out
         rows.append({"model": name, "dir": directory, "steps": steps, **quality, **latency, "throughput_img_s": throughput,
                      **memory})
         if gen.pipeline is not None:
-            deployed += deployed_rows(gen, name, steps, batches, args)
+            deployed += deployed_rows(gen, name, steps, batches, args, latency["median_s"])
     hardware = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, "
                 f"{torch.get_num_threads()} threads)") + f", torch {torch.__version__}"
     meta = {"num": args.num, "seed": args.seed, "features": protocol, "reference": reference[3], "hardware": hardware,

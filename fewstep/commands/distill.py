@@ -56,7 +56,8 @@ def dry_run(recipe, processes: int = 8) -> int:
 def _estimate(recipe, stage_outputs: dict, processes: int) -> None:
     from ..build import build
     from ..lora import WIDE_TARGETS
-    from ..memory import OPTIMIZER_STATES, estimate, largest_unit_bytes, lora_parameter_count, per_process_bytes
+    from ..memory import (OPTIMIZER_STATES, estimate, largest_unit_bytes, lora_parameter_count, own_bytes,
+                          per_process_bytes)
 
     b = build(recipe, stage_outputs=stage_outputs)  # the teacher comes frozen, as the loop trains it
     student = b.student.denoiser.net
@@ -91,10 +92,7 @@ def _estimate(recipe, stage_outputs: dict, processes: int) -> None:
     print(f"memory estimate (weights, gradients, {opt} state{', EMA' if ema else ''}; activations excluded):")
     for label, trainable, gib in rows:
         print(f"  {label:<44} {trainable:>14,} trainable  {gib:8.3f} GiB")
-    # train.parallel: the teacher's own weights (not shared with a trained network, e.g. under a LoRA fake score)
-    trained_ids = {id(p) for m in [student, *extra.values()] for p in m.parameters()}
-    teacher_only = sum(p.numel() * p.element_size() for p in (teacher.parameters() if teacher is not None else [])
-                       if id(p) not in trained_ids)
+    teacher_only = own_bytes(teacher, [student, *extra.values()])  # kept whole under fsdp_teacher: replicate
     unit = largest_unit_bytes([student, teacher, *extra.values()])
     current = (recipe.train.parallel, recipe.train.fsdp_teacher)
     print(f"per process on {processes} processes (--num-processes; this run: train.parallel={current[0]}"

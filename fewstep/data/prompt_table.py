@@ -4,7 +4,7 @@ A prompt-only loss (DMD, f-distill on ``data: prompts``) otherwise runs the text
 its prompts come from a finite list that repeats every epoch. The table encodes the list's distinct prompts at its
 first use, in sorted order and fixed chunks, so a prompt's condition does not depend on the batch it arrived in:
 a resumed run looks up exactly what the uninterrupted one did. Rows live on the CPU and move to the encoder's
-device per batch (a few MB). For prompt sets too large to hold, precompute them with `fewstep cache` instead.
+device per batch (a few MB). For prompt sets too large to hold, precompute them in the latent cache (fewstep.data.cache) instead.
 """
 from __future__ import annotations
 

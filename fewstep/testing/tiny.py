@@ -96,7 +96,8 @@ def tiny_sd3(tmp: Path) -> StableDiffusion3Pipeline:
     )
 
 
-#: FLUX.1-dev's scheduler config (scheduler/scheduler_config.json): resolution-dependent shifting
+#: FLUX.1-dev's scheduler config (black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json; the hub is offline
+#: here, so the values are as public trainers reproduce them, e.g. ostris/ai-toolkit's): resolution-dependent shifting
 FLUX_SCHEDULER = {"shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
                   "base_image_seq_len": 256, "max_image_seq_len": 4096}
 
