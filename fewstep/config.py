@@ -128,6 +128,7 @@ class ModelSection:
     guidance: float | None = None
     schedule: str | None = None  # "flow": reinterpret a VP teacher's copy as a rectified flow (InstaFlow)
     guidance_embedding: int | None = None  # LCM: add a w-embedding input of this width (256) to a UNet2DConditionModel copy
+    resolution: int | None = None  # pipelines: the image side in pixels to train and sample at (default: the pipeline's)
 
 
 MODEL_KINDS = ("none", "unet2d", "mlp", "mixture", "pipeline", "pretrained", "classifier")

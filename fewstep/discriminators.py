@@ -44,7 +44,9 @@ class XTDiscriminator(nn.Module):
     def for_denoiser(cls, den, **kwargs) -> "XTDiscriminator":
         """A discriminator shaped for a denoiser's samples (MLPNet: vectors; UNets: images)."""
         cfg = den.net.config
-        if hasattr(cfg, "dim"):
+        if getattr(den, "sample_shape", None) is not None:  # a pipeline denoiser's latent shape (FLUX.1: unpacked)
+            shape, classes = tuple(den.sample_shape), 0
+        elif hasattr(cfg, "dim"):
             shape = (cfg.dim,)
             classes = getattr(cfg, "num_classes", 0) or 0
         else:
@@ -88,3 +90,41 @@ class FeatureDiscriminator(nn.Module):
         self._den.native(x_t, t, cond)
         feats, self._features = self._features, None
         return self.head(feats.float()).sum(1)  # one logit per sample, not a view (see XTDiscriminator)
+
+
+def transformer_blocks(net: nn.Module) -> list[nn.Module]:
+    """A flow transformer's blocks in order: SD3's joint blocks; FLUX.1's joint then single-stream blocks."""
+    return [*getattr(net, "transformer_blocks", []), *getattr(net, "single_transformer_blocks", [])]
+
+
+class TokenFeatureDiscriminator(nn.Module):
+    """A head on a frozen flow transformer's image-token features at (x_t, t, c), from its middle block (index
+    num_blocks // 2, FastGen's default for FLUX.1: fastgen/networks/discriminators.py, Discriminator_ImageDiT; its
+    FLUX.1 DMD2 also reads the teacher's features). The tokens (B, H/2 * W/2, D) are laid out as the (H/2, W/2) patch
+    grid they come from; the head: a 4x4 stride-2 convolution to D/2 channels, group norm, leaky ReLU, a 1x1
+    convolution to one channel, averaged. As FeatureDiscriminator, the transformer is not a submodule."""
+
+    def __init__(self, denoiser, *, block: int | None = None) -> None:
+        super().__init__()
+        object.__setattr__(self, "_den", denoiser)
+        blocks = transformer_blocks(denoiser.net)
+        self.block = len(blocks) // 2 if block is None else int(block)
+        dim = int(denoiser.net.config.num_attention_heads * denoiser.net.config.attention_head_dim)
+        hidden = max(dim // 2, 1)
+        self.head = nn.Sequential(
+            nn.Conv2d(dim, hidden, 4, stride=2, padding=1), nn.GroupNorm(math.gcd(32, hidden), hidden),
+            nn.LeakyReLU(0.2), nn.Conv2d(hidden, 1, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self._features: Tensor | None = None
+        blocks[self.block].register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output) -> None:
+        self._features = output[1] if isinstance(output, tuple) else output  # (text, image) tokens: the image's
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
+        self._den.native(x_t, t, cond)
+        tokens, self._features = self._features, None
+        h, w = x_t.shape[-2] // 2, x_t.shape[-1] // 2
+        grid = tokens.float().transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+        return self.head(grid).sum(1)  # one logit per sample, not a view (see XTDiscriminator)
+

@@ -5,6 +5,7 @@ count, guidance). Components load with plain diffusers ``from_pretrained``.
 """
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -44,9 +45,21 @@ def student_schedule_spec(student: Denoiser, recipe_spec: dict[str, Any]) -> dic
     return recipe_spec
 
 
+#: the least ``timestep_scaling`` a flow transformer's consistency student exports with: FlowMatchLCMScheduler's step
+#: is x0 = x - sigma u (c_skip = 0), and at 1000 c_skip(t) = sigma_d^2 / ((1000 t)^2 + sigma_d^2) <= 2.5e-7 for t >= 1
+FLOW_LCM_MIN_SCALING = 1000.0
+
+
 def check_exportable(student: Denoiser, sampler: dict[str, Any]) -> None:
     """Refuse (before training) a pipeline student whose sampler no diffusers scheduler runs: LCMScheduler
-    fixes sigma_data at 0.5 in its boundary coefficients."""
+    fixes sigma_data at 0.5 in its boundary coefficients; FlowMatchLCMScheduler has none (c_skip = 0, c_out = 1),
+    which a flow consistency student's f(x, t) = c_skip x + c_out x0_hat meets where timestep_scaling is large (a flow's
+    x0_hat = x - s u already equals x at s = 0, the boundary condition)."""
+    if (sampler["solver"] == "consistency" and student.schedule.kind == "flow"
+            and float(sampler.get("timestep_scaling", 10.0)) < FLOW_LCM_MIN_SCALING):
+        raise FewstepError(f"loss.timestep_scaling {sampler.get('timestep_scaling', 10.0)}: a flow transformer's "
+                           "consistency student exports with diffusers' FlowMatchLCMScheduler, which has no c_skip; use "
+                           f"{FLOW_LCM_MIN_SCALING:g} or more (c_skip below 2.5e-7 from t = 1; LCM's 10 is for VP models)")
     if sampler["solver"] == "consistency" and student.schedule.kind == "vp" and sampler.get("sigma_data", 0.5) != 0.5:
         raise FewstepError(f"loss.sigma_data {sampler['sigma_data']}: a pipeline student exports with diffusers' "
                            "LCMScheduler, whose boundary coefficients fix sigma_data at 0.5; use 0.5 (LCM's value) "
@@ -60,11 +73,14 @@ def pipeline_scheduler(student: Denoiser, pipeline, sampler: dict[str, Any]):
     is exactly fewstep's on the flow schedule); a VP consistency student gets LCMScheduler with the loss's
     ``timestep_scaling`` and N as ``original_inference_steps`` (its step is fewstep's consistency sampler with
     lcm spacing; a sigma_data it cannot express was refused by ``check_exportable`` when the run was built); a VP
-    renoise (DMD2) student gets LCMScheduler with c_skip = 0, to be called with its timesteps (docs/fdistill.md).
+    renoise (DMD2) student gets LCMScheduler with c_skip = 0, to be called with its timesteps (docs/fdistill.md). A
+    flow transformer's (SD3, FLUX.1) consistency or renoise student gets FlowMatchLCMScheduler on the pipeline's config.
     """
     if pipeline is None:
         return None
-    from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, LCMScheduler
+
+    from .pipelines import TRANSFORMER_FAMILIES
 
     current = pipeline.pipe.scheduler
     solver = sampler["solver"]
@@ -77,6 +93,11 @@ def pipeline_scheduler(student: Denoiser, pipeline, sampler: dict[str, Any]):
         # exactly that in float32 (c_skip ~ 1e-19)
         return LCMScheduler.from_config(current.config, timestep_scaling=1.0e6, original_inference_steps=50,
                                         prediction_type=student.prediction_type)
+    if solver in ("consistency", "renoise") and student.schedule.kind == "flow" and pipeline.family in TRANSFORMER_FAMILIES:
+        # x0 = x - sigma u, then re-noise to the next sigma: the consistency step on a flow (c_skip at the grid's
+        # timesteps is below 1e-7) and DMD2's; its grid is the pipeline's own (FLUX.1: shifted with the resolution)
+        known = set(inspect.signature(FlowMatchLCMScheduler.__init__).parameters)
+        return FlowMatchLCMScheduler.from_config({k: v for k, v in current.config.items() if k in known})
     if student.schedule.kind == "flow" and not type(current).__name__.startswith("FlowMatch"):
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=student.schedule.num_train_timesteps, shift=1.0)
     return None
@@ -132,7 +153,9 @@ def write_final(student: Denoiser, directory: Path, *, kind: str, meta: dict[str
     elif kind == "pipeline":
         if pipeline is None:
             raise FewstepError("exporting a pipeline student needs its pipeline")
-        attr = "transformer" if pipeline.family == "sd3" else "unet"
+        from .pipelines import TRANSFORMER_FAMILIES
+
+        attr = "transformer" if pipeline.family in TRANSFORMER_FAMILIES else "unet"
         original, original_scheduler = getattr(pipeline.pipe, attr), pipeline.pipe.scheduler
         setattr(pipeline.pipe, attr, net)
         if scheduler is not None:
@@ -188,7 +211,14 @@ def pipeline_call(meta: dict[str, Any], steps: int, family: str) -> tuple[dict[s
     if str(meta.get("scheduler", "")).startswith("FlowMatch") and family in ("sd", "sdxl"):
         return None, "the SD pipelines have no flow-matching loop: docs/reflow.md's manual loop samples this student"
     kwargs: dict[str, Any] = {"guidance_scale": 1.0 if s.get("guidance") is None else s["guidance"]}
-    if s["solver"] == "renoise":
+    if family == "flux":  # [dev]'s guidance is an input (FluxPipeline's default 3.5 when fewstep's sampler has none);
+        # the grid shifts with the size, so the call names it
+        from .denoisers.flux import FLUX_GUIDANCE
+
+        kwargs["guidance_scale"] = FLUX_GUIDANCE if s.get("guidance") is None else s["guidance"]
+        if meta.get("resolution"):
+            kwargs.update(height=meta["resolution"], width=meta["resolution"])
+    if s["solver"] == "renoise" and family in ("sd", "sdxl"):
         given = s.get("timesteps") if steps == s["steps"] else None
         kwargs["timesteps"] = given or list(range(999, 0, -1000 // steps))[:steps]
     else:
@@ -235,7 +265,7 @@ def load_final(directory: str | Path, *, device: str | torch.device = "cpu") -> 
     if kind == "pipeline":
         from .pipelines import load_pipeline
 
-        lp = load_pipeline(str(directory), device=device)
+        lp = load_pipeline(str(directory), device=device, resolution=meta.get("resolution"))
         return lp.denoiser(), meta, lp
     schedule: Schedule = make_schedule(**_schedule_kwargs(meta["schedule"]))
     null = {"class_labels": torch.tensor([meta["null_class"]])} if meta.get("null_class") is not None else None
@@ -262,7 +292,7 @@ def load_lora_final(directory: Path, meta: dict[str, Any], *, device: str | torc
     check_lora_dir(directory)
     if not meta.get("base"):
         raise FewstepError(f"{directory}/{META} names no base pipeline for its LoRA")
-    lp = load_pipeline(meta["base"], device=device)
+    lp = load_pipeline(meta["base"], device=device, resolution=meta.get("resolution"))
     chain = lora_chain(meta, directory)
     for path in chain:
         load_lora(lp.pipe, path)

@@ -18,7 +18,7 @@ from .errors import FewstepError
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 #: the keyword each pipeline family's ``save_lora_weights`` takes for its denoiser's adapters
-DENOISER_KEY = {"sd": "unet", "sdxl": "unet", "sd3": "transformer"}
+DENOISER_KEY = {"sd": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer"}
 
 
 def has_lora(net: nn.Module) -> bool:

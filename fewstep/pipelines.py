@@ -1,9 +1,10 @@
 """Real diffusers pipelines in and out: load (local path or hub id), encode prompts, VAE, save.
 
-fewstep loads Stable Diffusion 1.x/2.x, SDXL and SD3 through ``from_pretrained`` exactly as users
-do, then hands the parts around: the denoiser network wrapped as a Denoiser, the text encoders
+fewstep loads Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 and FLUX.1 through ``from_pretrained`` exactly as
+users do, then hands the parts around: the denoiser network wrapped as a Denoiser, the text encoders
 through the pipeline's own ``encode_prompt`` (so embeddings match diffusers bit for bit), the VAE
-with its scaling and shift factors.
+with its scaling and shift factors. A pipeline runs at one image size (``resolution``; FLUX.1's sampling grid shifts
+with it, so its schedule is fixed for that size).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .denoisers import Cond, Denoiser, SD3Denoiser, UNetDenoiser
+from .denoisers import Cond, Denoiser, FluxDenoiser, SD3Denoiser, UNetDenoiser
 from .errors import FewstepError
 from .schedules import Schedule, prediction_type_from_config, schedule_from_config
 
@@ -26,7 +27,10 @@ FAMILIES = {
     "LatentConsistencyModelPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
 }
+#: families whose denoiser is ``pipe.transformer`` (the rest have ``pipe.unet``)
+TRANSFORMER_FAMILIES = ("sd3", "flux")
 
 
 def _offline() -> bool:
@@ -71,12 +75,17 @@ class LoadedPipeline:
     _null_cond: Cond | None = field(default=None, repr=False)
     #: where the weights came from: {"base": path or hub id, "base_loras": [LoRA files fused into it]}
     origin: dict[str, Any] = field(default_factory=dict)
+    #: the image side in pixels this pipeline runs at, when not its default (``teacher.resolution``)
+    image_size: int | None = None
+
+    def __post_init__(self) -> None:
+        self.schedule = self._sized(self.schedule)
 
     # ------------------------------------------------------------------ parts
     @property
     def net(self) -> torch.nn.Module:
         """The denoiser network (UNet or transformer)."""
-        return self.pipe.transformer if self.family == "sd3" else self.pipe.unet
+        return self.pipe.transformer if self.family in TRANSFORMER_FAMILIES else self.pipe.unet
 
     @property
     def vae(self):
@@ -96,13 +105,35 @@ class LoadedPipeline:
 
     @property
     def resolution(self) -> int:
-        """Default image side in pixels (the network's sample size times the VAE factor)."""
+        """Image side in pixels: ``image_size``, else the pipeline's default (the network's sample size times the VAE
+        factor; FluxPipeline's ``default_sample_size`` times it, 1024 for FLUX.1)."""
+        if self.image_size is not None:
+            return int(self.image_size)
+        if self.family == "flux":
+            return int(self.pipe.default_sample_size) * self.vae_scale_factor
         return int(self.net.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """The latent shape (C, H, W) of one image at ``resolution``."""
+        side = self.resolution // self.vae_scale_factor
+        return (int(self.vae.config.latent_channels), side, side)
+
+    @property
+    def num_tokens(self) -> int:
+        """FLUX.1's image sequence length at ``resolution`` (2x2 patches of the latent)."""
+        _, h, w = self.sample_shape
+        return (h // 2) * (w // 2)
+
+    def _sized(self, schedule: Schedule) -> Schedule:
+        """``schedule`` with a resolution-dependent shift fixed for this pipeline's size (FLUX.1's mu)."""
+        return schedule.for_sequence(self.num_tokens) if getattr(schedule, "dynamic", None) is not None else schedule
 
     def set_scheduler(self, scheduler) -> None:
         """Use ``scheduler`` (its schedule and prediction type become the pipeline's)."""
         self.pipe.scheduler = scheduler
-        self.schedule, self.prediction_type = _read_scheduler(scheduler)
+        schedule, self.prediction_type = _read_scheduler(scheduler)
+        self.schedule = self._sized(schedule)
 
     # ------------------------------------------------------------------ text
     @torch.no_grad()
@@ -119,6 +150,9 @@ class LoadedPipeline:
                 prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
             )
             return {"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": self.time_ids(len(prompts))}
+        if self.family == "flux":  # T5's sequence and CLIP's pooled embedding (max_sequence_length 512, the default)
+            embeds, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device)
+            return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False
         )
@@ -141,8 +175,17 @@ class LoadedPipeline:
     # ------------------------------------------------------------------ denoiser
     def denoiser(self) -> Denoiser:
         """The pipeline's network wrapped as a Denoiser, with its null condition for guidance."""
+        return self.wrap(self.net, self.schedule, self.prediction_type, null_cond=self.null_cond())
+
+    def wrap(self, net: torch.nn.Module, schedule: Schedule, prediction_type: str, *,
+             null_cond: Cond | None) -> Denoiser:
+        """``net`` (this pipeline's network or a copy of it) as this family's Denoiser at this pipeline's size."""
+        if self.family == "flux":
+            return FluxDenoiser(net, schedule, prediction_type, sample_shape=self.sample_shape, null_cond=null_cond)
         cls = SD3Denoiser if self.family == "sd3" else UNetDenoiser
-        return cls(self.net, self.schedule, self.prediction_type, null_cond=self.null_cond())
+        den = cls(net, schedule, prediction_type, null_cond=null_cond)
+        den.sample_shape = self.sample_shape
+        return den
 
     # ------------------------------------------------------------------ VAE
     def _vae_in_dtype(self):
@@ -197,8 +240,9 @@ def _quiet_loading():
 
 
 def load_pipeline(name: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                  variant: str | None = None) -> LoadedPipeline:
-    """Load an SD 1.x/2.x, SDXL or SD3 pipeline from a local directory or hub id."""
+                  variant: str | None = None, resolution: int | None = None) -> LoadedPipeline:
+    """Load an SD 1.x/2.x, SDXL, SD3/3.5 or FLUX.1 pipeline from a local directory or hub id; ``resolution`` (image
+    side in pixels) when it is to run at another size than its default."""
     from diffusers import DiffusionPipeline
 
     path = resolve_model(name)
@@ -226,7 +270,12 @@ def load_pipeline(name: str, *, dtype: torch.dtype = torch.float32, device: str 
     pipe.set_progress_bar_config(disable=True)
     local = Path(name).expanduser()
     base = str(local.resolve()) if local.exists() else name  # a hub id stays a hub id
-    return LoadedPipeline(family, pipe, *_read_scheduler(pipe.scheduler), origin={"base": base, "base_loras": []})
+    step = (2 if family == "flux" else 1) * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    if resolution is not None and (resolution < step or resolution % step):
+        raise FewstepError(f"resolution {resolution} does not fit {class_name}: it must be a positive multiple of {step} "
+                           "(the VAE's factor" + (" times FLUX.1's 2x2 packing)" if family == "flux" else ")"))
+    return LoadedPipeline(family, pipe, *_read_scheduler(pipe.scheduler), origin={"base": base, "base_loras": []},
+                          image_size=resolution)
 
 
 def _read_scheduler(scheduler) -> tuple[Schedule, str]:

@@ -42,7 +42,7 @@ class DDIM:
         x0, eps = denoiser.predict(x, t, cond, guidance=guidance)
         z = None
         if self.eta > 0:
-            z = torch.randn(x.shape, generator=self.generator, dtype=torch.float32).to(x.device)
+            z = denoiser.draw_noise(x.shape, self.generator).to(x.device)
         return ddim_update(denoiser.schedule, x0, eps, t, t_next, eta=self.eta, z=z).to(x.dtype), state
 
 
@@ -142,7 +142,7 @@ class Consistency:
         if float(torch.as_tensor(t_next).reshape(-1)[0]) == denoiser.schedule.t_clean:
             return x0.to(x.dtype), state
         a2, s2 = denoiser.schedule.coefficients(t_next, x)
-        z = torch.randn(x.shape, generator=self.generator, dtype=torch.float32).to(x.device)
+        z = denoiser.draw_noise(x.shape, self.generator).to(x.device)
         return (a2 * x0 + s2 * z).to(x.dtype), state
 
 

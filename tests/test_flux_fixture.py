@@ -1,7 +1,11 @@
 """The tiny FLUX.1 fixture (fewstep.testing.tiny.tiny_flux): built offline, saved, loaded back through diffusers'
 FluxPipeline.from_pretrained as a user's FLUX.1 would be, and sampled by the pipeline itself; its resolution-dependent
-grid is fewstep's FlowSchedule.for_sequence. (The FLUX family itself is not loaded by fewstep yet: issue 23.)"""
+grid is fewstep's FlowSchedule.for_sequence; fewstep's own loading (load_pipeline, FluxDenoiser) samples exactly what
+FluxPipeline samples."""
+import pytest
 import torch
+
+from fewstep.errors import FewstepError
 
 
 def test_the_tiny_flux_pipeline_round_trips_and_its_grid_is_fewsteps(tmp_path):
@@ -24,3 +28,59 @@ def test_the_tiny_flux_pipeline_round_trips_and_its_grid_is_fewsteps(tmp_path):
     tokens = (32 // 2 // 2) ** 2  # 32 px: 16 x 16 latents (VAE factor 2), packed 2 x 2: 8 x 8 = 64 tokens
     ours = schedule_from_config(pipe.scheduler.config).for_sequence(tokens).timesteps(3)
     assert torch.allclose(ours, pipe.scheduler.timesteps.double(), atol=1e-3)  # the grid the pipeline just ran
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory):
+    from fewstep.testing.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline("flux", tmp_path_factory.mktemp("flux") / "flux", seed=0)
+
+
+def test_packing_is_fluxpipelines():
+    from diffusers import FluxPipeline
+
+    from fewstep.denoisers.flux import image_ids, pack, unpack
+
+    x = torch.randn(2, 4, 6, 8)
+    tokens = pack(x)
+    torch.testing.assert_close(tokens, FluxPipeline._pack_latents(x, 2, 4, 6, 8), rtol=0, atol=0)
+    torch.testing.assert_close(unpack(tokens, 6, 8), FluxPipeline._unpack_latents(tokens, 12, 16, 2), rtol=0, atol=0)
+    torch.testing.assert_close(image_ids(6, 8, x.device, torch.float32),
+                               FluxPipeline._prepare_latent_image_ids(2, 3, 4, x.device, torch.float32), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("guidance", [3.5, None])
+def test_fewsteps_euler_over_the_tiny_flux_teacher_equals_fluxpipeline(flux_dir, guidance):
+    """Same latents, same prompts: fewstep's Euler sampler on the loaded FLUX.1 [dev] (its guidance an input; None is
+    FluxPipeline's default 3.5) reproduces FluxPipeline's latents, on the grid shifted for 32 px."""
+    from diffusers import FluxPipeline
+
+    from fewstep.denoisers.flux import pack
+    from fewstep.pipelines import load_pipeline
+    from fewstep.solvers import make_solver, sample
+
+    lp = load_pipeline(str(flux_dir), resolution=32)
+    assert lp.family == "flux" and lp.sample_shape == (4, 16, 16) and lp.num_tokens == 64
+    den = lp.denoiser()
+    assert den.takes_guidance and den.schedule.mu == pytest.approx(lp.schedule.mu_for(64))
+    prompts = ["a photo of the cat", "the dog and the bird"]
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    n = 4
+    ours = sample(den, make_solver("euler"), x.clone(), lp.schedule.sampling_grid(n), lp.encode_prompts(prompts),
+                  guidance=guidance)
+    pipe = FluxPipeline.from_pretrained(flux_dir)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(prompts, num_inference_steps=n, guidance_scale=3.5, latents=pack(x), height=32, width=32,
+               output_type="latent").images
+    ref = FluxPipeline._unpack_latents(ref, 32, 32, pipe.vae_scale_factor)
+    assert (ours - x).abs().max() > 0.1  # the sampler moved
+    torch.testing.assert_close(ours, ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
+
+
+def test_flux_resolution_must_fit_the_packing(flux_dir):
+    from fewstep.pipelines import load_pipeline
+
+    with pytest.raises(FewstepError, match="resolution 30 does not fit FluxPipeline: it must be a positive multiple of 4"):
+        load_pipeline(str(flux_dir), resolution=30)
+    assert load_pipeline(str(flux_dir)).resolution == 256  # FluxPipeline's default_sample_size 128 x VAE factor 2

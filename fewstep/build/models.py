@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..config import ModelSection, check_kwargs
-from ..denoisers import Denoiser, MixtureDenoiser, MLPDenoiser, MLPNet, SD3Denoiser, UNetDenoiser
+from ..denoisers import Denoiser, MixtureDenoiser, MLPDenoiser, MLPNet, UNetDenoiser
 from ..errors import FewstepError
 from ..schedules import FlowSchedule, Schedule
 from .resolve import resolve_stage
@@ -90,7 +90,7 @@ def build_model(spec: ModelSection, key: str, schedule: Schedule, *, teacher: Lo
     if spec.kind == "pipeline" and spec.init != "teacher":
         from ..pipelines import load_pipeline
 
-        lp = load_pipeline(resolve_stage(spec.path, stage_outputs))
+        lp = load_pipeline(resolve_stage(spec.path, stage_outputs), resolution=spec.resolution)
         return LoadedModel(lp.denoiser(), "pipeline", lp)
     if spec.kind == "pretrained":
         from ..export import load_final
@@ -110,8 +110,7 @@ def build_model(spec: ModelSection, key: str, schedule: Schedule, *, teacher: Lo
         if spec.guidance_embedding:
             net = with_guidance_embedding(net, spec.guidance_embedding)
         if teacher.pipeline is not None:
-            cls = SD3Denoiser if teacher.pipeline.family == "sd3" else UNetDenoiser
-            return LoadedModel(cls(net, sched, ptype, null_cond=t.null_cond), "pipeline", teacher.pipeline)
+            return LoadedModel(teacher.pipeline.wrap(net, sched, ptype, null_cond=t.null_cond), "pipeline", teacher.pipeline)
         kind = "mlp" if isinstance(net, MLPNet) else "unet2d"
         return LoadedModel(wrap_denoiser(net, kind, sched, ptype, spec, t.null_cond), kind)
     cls = network_class(spec.kind)
@@ -146,6 +145,8 @@ def sample_shape(model: LoadedModel) -> tuple[int, ...]:
     den = model.denoiser
     if isinstance(den, MixtureDenoiser):
         return (den.mixture.dim,)
+    if getattr(den, "sample_shape", None) is not None:  # pipeline denoisers know their latent shape
+        return tuple(den.sample_shape)
     net = den.net
     if isinstance(net, MLPNet):
         return (net.config.dim,)

@@ -89,6 +89,8 @@ def make_export(recipe: Recipe, student: LoadedModel, sampler: dict[str, Any],
                 "sampler": sampler}
         if student.kind != "classifier":
             meta["sample_shape"] = list(sample_shape(student))
+        if student.pipeline is not None:  # the size it trained at (FLUX.1's grid shifts with it)
+            meta["resolution"] = student.pipeline.resolution
         write_final(den, directory, kind=student.kind, meta=meta, recipe_yaml=recipe.to_yaml(),
                     schedule_spec=student_schedule_spec(den, schedule_spec), pipeline=student.pipeline,
                     scheduler=pipeline_scheduler(den, student.pipeline, sampler))

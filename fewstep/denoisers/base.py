@@ -7,8 +7,8 @@ native output: eps, v, x0 or flow velocity).
 Classifier-free guidance (Ho & Salimans 2022) uses diffusers' convention everywhere:
 ``pred = pred_u + w (pred_c - pred_u)``, so w = 1 is the plain conditional prediction. LCM writes
 ``pred_c + w' (pred_c - pred_u)`` with ``w' = w - 1``. Both branches run in one batched forward
-over ``[uncond; cond]``. A network with a guidance embedding (``time_cond_proj_dim``, LCM) gets
-``w - 1`` through that embedding instead and runs once.
+over ``[uncond; cond]``. A network with a guidance input (``takes_guidance``) runs once instead: LCM's
+``time_cond_proj_dim`` gets an embedding of ``w - 1``, FLUX.1 [dev]'s ``guidance_embeds`` gets w itself.
 """
 from __future__ import annotations
 
@@ -84,6 +84,18 @@ class Denoiser(nn.Module):
         self.null_cond = dict(null_cond) if null_cond is not None else None
         self.guidance_embedding_dim = guidance_embedding_dim
 
+    #: the guidance a network with a guidance input gets when a call passes none (1: unguided, LCM's w' = 0)
+    default_guidance = 1.0
+
+    @property
+    def takes_guidance(self) -> bool:
+        """Whether the network takes the guidance scale as an input (and runs once) instead of two CFG branches."""
+        return self.guidance_embedding_dim is not None
+
+    def guidance_input(self, w: Tensor) -> Tensor:
+        """What the network's guidance input receives for guidance ``w`` (B,): LCM's embedding of w - 1."""
+        return guidance_embedding(w - 1.0, self.guidance_embedding_dim)
+
     @property
     def net_dtype(self) -> torch.dtype:
         """The network's parameter dtype (its first parameter's; cheaper than diffusers' ``.dtype``)."""
@@ -96,6 +108,11 @@ class Denoiser(nn.Module):
             with torch.autocast(x_t.device.type, enabled=False):
                 return self.network_output(x_t, t, cond, timestep_cond)
         return self.network_output(x_t, t, cond, timestep_cond)
+
+    def draw_noise(self, shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
+        """Standard normal noise of ``shape`` (float32, CPU), in the order the family's diffusers pipeline draws a
+        scheduler step's noise from the same generator (FluxDenoiser: the packed token layout)."""
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
 
     # ------------------------------------------------------------------ to implement
     def network_output(self, x_t: Tensor, t: Tensor, cond: Cond | None, timestep_cond: Tensor | None) -> Tensor:
@@ -128,10 +145,9 @@ class Denoiser(nn.Module):
         self.check_cond(cond)
         n = x_t.shape[0]
         t = _batch(t, n, x_t.device)
-        if self.guidance_embedding_dim is not None:
-            w = _batch(1.0 if guidance is None else guidance, n, x_t.device).float()
-            emb = guidance_embedding(w - 1.0, self.guidance_embedding_dim)
-            return wide(self._call(x_t, t, cond, emb))
+        if self.takes_guidance:
+            w = _batch(self.default_guidance if guidance is None else guidance, n, x_t.device).float()
+            return wide(self._call(x_t, t, cond, self.guidance_input(w)))
         if guidance is None:
             return wide(self._call(x_t, t, cond, None))
         w = _batch(guidance, n, x_t.device).float()

@@ -151,7 +151,7 @@ class ConsistencyDistillationLoss(DistillationLoss):
         return {"timestep_scaling": self.timestep_scaling, "sigma_data": self.sigma_data, "original_steps": self.N}
 
     def f(self, den, x: Tensor, t: Tensor, cond, w: Tensor | None) -> Tensor:
-        guidance = w if den.guidance_embedding_dim is not None else None  # no CFG on students without the embedding
+        guidance = w if den.takes_guidance else None  # no CFG on students without a guidance input
         return consistency_function(den, x, t, cond, guidance=guidance, timestep_scaling=self.timestep_scaling,
                                     sigma_data=self.sigma_data)
 

@@ -190,7 +190,7 @@ class FDivergenceLoss(DistillationLoss):
     def from_models(cls, models: Models, **settings: Any) -> "FDivergenceLoss":
         """The fake score: a full copy of the teacher's network (a small MLP from scratch for weightless
         teachers); the discriminator: a head on the teacher's features, or on (x_t, t) for toy teachers."""
-        from ..discriminators import FeatureDiscriminator, XTDiscriminator
+        from ..discriminators import FeatureDiscriminator, TokenFeatureDiscriminator, XTDiscriminator, transformer_blocks
 
         teacher, student = models.teacher, models.student
         if teacher is None:
@@ -213,7 +213,7 @@ class FDivergenceLoss(DistillationLoss):
             for n, p in net.named_parameters():  # adapters train in float32 on a half-precision teacher
                 if "lora_" in n:
                     p.data = p.data.float()
-            fake = type(teacher)(net, teacher.schedule, teacher.prediction_type, null_cond=teacher.null_cond)
+            fake = teacher.with_network(net)  # the same network (adapters on it), the teacher's own wrapper
         elif init == "teacher":
             fake = copy.deepcopy(teacher).float().requires_grad_(True)
             fake.net.requires_grad_(True)
@@ -230,6 +230,8 @@ class FDivergenceLoss(DistillationLoss):
         if cls.has_discriminator(**s):
             if hasattr(teacher, "net") and hasattr(teacher.net, "mid_block"):
                 disc = FeatureDiscriminator(teacher)
+            elif hasattr(teacher, "net") and transformer_blocks(teacher.net):  # SD3, FLUX.1
+                disc = TokenFeatureDiscriminator(teacher)
             else:
                 disc = XTDiscriminator.for_denoiser(student)
         return cls(fake_score=fake, discriminator=disc, sample_shape=models.sample_shape,

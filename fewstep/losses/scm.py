@@ -194,7 +194,7 @@ class SCMLoss(DistillationLoss):
             guided = w if (cond is not None and teacher.null_cond is not None) else None
             dxt_dt = TrigFlowView(teacher, self.sigma_data).velocity(x_t, t, cond, guidance=guided)
         view = TrigFlowView(student, self.sigma_data)
-        gs = w if student.guidance_embedding_dim is not None else None
+        gs = w if student.takes_guidance else None
 
         def F_of(x: Tensor, tt: Tensor) -> Tensor:
             return view.F(x, tt, cond, guidance=gs)
