@@ -126,7 +126,10 @@ class LoadedPipeline:
         return (h // 2) * (w // 2)
 
     def _sized(self, schedule: Schedule) -> Schedule:
-        """``schedule`` with a resolution-dependent shift fixed for this pipeline's size (FLUX.1's mu)."""
+        """``schedule`` with a resolution-dependent shift fixed for this pipeline's size (FLUX.1's mu), on
+        FluxPipeline's grid for the flux family (it hands its scheduler sigmas linspace(1, 1/n, n))."""
+        if self.family == "flux" and schedule.kind == "flow" and not schedule.pipeline_sigmas:
+            schedule = schedule.with_pipeline_sigmas()
         return schedule.for_sequence(self.num_tokens) if getattr(schedule, "dynamic", None) is not None else schedule
 
     def set_scheduler(self, scheduler) -> None:

@@ -258,13 +258,15 @@ class FlowSchedule(Schedule):
     ``dynamic`` (FLUX.1's resolution-dependent shifting, diffusers' ``use_dynamic_shifting``): the grid is shifted by
     mu, interpolated linearly in the image's token count between ``base_seq_len`` -> ``base_shift`` and
     ``max_seq_len`` -> ``max_shift`` (diffusers' ``calculate_shift``); ``for_sequence(n)`` fixes it for one size.
+    ``pipeline_sigmas``: the grid FluxPipeline hands its scheduler (``sigmas = linspace(1, 1/n, n)``, then shifted),
+    not the scheduler's own (linspace from sigma_max to sigma_min); a dynamic shift implies it.
     """
 
     kind = "flow"
     t_clean = 0.0
 
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, dynamic: Mapping[str, Any] | None = None,
-                 mu: float | None = None) -> None:
+                 mu: float | None = None, pipeline_sigmas: bool = False) -> None:
         if shift <= 0:
             raise FewstepError(f"shift must be positive, got {shift}")
         self.num_train_timesteps = int(num_train_timesteps)
@@ -273,6 +275,11 @@ class FlowSchedule(Schedule):
         if self.dynamic is not None:
             check_choice(self.dynamic["time_shift_type"], ("exponential", "linear"), "time_shift_type")
         self.mu = mu
+        self.pipeline_sigmas = bool(pipeline_sigmas) or self.dynamic is not None
+
+    def with_pipeline_sigmas(self) -> "FlowSchedule":
+        """This schedule on FluxPipeline's grid (``pipeline_sigmas``)."""
+        return FlowSchedule(self.num_train_timesteps, self.shift, self.dynamic, self.mu, pipeline_sigmas=True)
 
     def mu_for(self, seq_len: int) -> float:
         """FLUX.1's mu for an image of ``seq_len`` tokens (diffusers' ``calculate_shift``)."""
@@ -284,7 +291,7 @@ class FlowSchedule(Schedule):
         """This schedule with its resolution-dependent shift fixed for images of ``seq_len`` tokens."""
         if self.dynamic is None:
             raise FewstepError("for_sequence: this flow schedule has a static shift (no use_dynamic_shifting)")
-        return FlowSchedule(self.num_train_timesteps, self.shift, self.dynamic, self.mu_for(seq_len))
+        return FlowSchedule(self.num_train_timesteps, self.shift, self.dynamic, self.mu_for(seq_len), self.pipeline_sigmas)
 
     def _dynamic_shifted(self, s: np.ndarray) -> np.ndarray:
         mu = self.mu
@@ -319,6 +326,8 @@ class FlowSchedule(Schedule):
                                    "need the image's token count; use schedule.for_sequence(num_tokens)")
             s = self._dynamic_shifted(np.linspace(1.0, 1.0 / num_steps, num_steps))
             return torch.tensor(s * T, dtype=torch.float64)
+        if self.pipeline_sigmas:  # FluxPipeline's sigmas under a static shift (FLUX.1 [schnell]: none)
+            return torch.tensor(self.shifted(np.linspace(1.0, 1.0 / num_steps, num_steps)) * T, dtype=torch.float64)
         s_min = float(self.shifted(np.array(1.0 / T)))
         s = self.shifted(np.linspace(1.0, s_min, num_steps))
         return torch.tensor(s * T, dtype=torch.float64)

@@ -13,11 +13,11 @@ torch.set_num_threads(int(os.environ.get("FEWSTEP_TEST_THREADS", "2")))
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
-    """Tiny SD / SDXL / SD3 pipelines saved to disk once per session: {family: path}."""
+    """Tiny SD / SDXL / SD3 / SD 3.5 / FLUX.1 [dev] pipelines saved to disk once per session: {fixture: path}."""
     from fewstep.testing.tiny import save_tiny_pipeline
 
     root = tmp_path_factory.mktemp("tiny")
-    return {fam: save_tiny_pipeline(fam, root / fam) for fam in ("sd", "sdxl", "sd3")}
+    return {fam: save_tiny_pipeline(fam, root / fam) for fam in ("sd", "sdxl", "sd3", "sd35", "flux")}
 
 
 @pytest.fixture(scope="session")

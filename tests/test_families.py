@@ -16,7 +16,8 @@ LORA = {"rank": 4, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"], "init
 #: the size the tiny transformers run at (16 x 16 latents; FLUX.1: 64 tokens)
 SIZE = 32
 CELLS = ("reflow", "flow_distill", "lcm", "lcm_lora", "dmd", "dmd_lora", "dmd_gan", "scm")
-FAMILIES = ("sd", "sdxl", "sd3", "flux")
+#: fixtures (fewstep.testing.tiny): sd35 loads as family sd3 (QK-norm, a dual-attention layer), flux_schnell as flux
+FAMILIES = ("sd", "sdxl", "sd3", "sd35", "flux", "flux_schnell")
 VP = ("sd", "sdxl")
 #: cells that do not apply, and why (docs/families.md)
 NOT_APPLICABLE = {
@@ -148,6 +149,10 @@ def test_every_loss_over_every_family_exports_what_fewstep_samples(family, cell,
     assert type(pipe.scheduler).__name__ == expected
     if family == "flux":
         assert pipe.scheduler.config.use_dynamic_shifting  # the student keeps FLUX.1's resolution-dependent grid
+    if family in ("sd35", "flux_schnell"):  # the fixture's own shape survived the export
+        net = pipe.transformer
+        assert (net.config.qk_norm == "rms_norm" and net.config.dual_attention_layers == [0] if family == "sd35"
+                else not net.config.guidance_embeds)
 
 
 def test_the_token_discriminator_reads_each_patch_where_fluxpipeline_places_it(family_dirs):

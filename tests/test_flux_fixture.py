@@ -84,3 +84,32 @@ def test_flux_resolution_must_fit_the_packing(flux_dir):
     with pytest.raises(FewstepError, match="resolution 30 does not fit FluxPipeline: it must be a positive multiple of 4"):
         load_pipeline(str(flux_dir), resolution=30)
     assert load_pipeline(str(flux_dir)).resolution == 256  # FluxPipeline's default_sample_size 128 x VAE factor 2
+
+
+def test_flux_schnell_true_cfg_and_static_grid_equal_fluxpipeline(tmp_path):
+    """FLUX.1 [schnell] has no guidance input: fewstep's guidance w is true classifier-free guidance over the empty
+    prompt (FluxPipeline's true_cfg_scale with negative_prompt ""), on FluxPipeline's unshifted grid."""
+    from diffusers import FluxPipeline
+
+    from fewstep.denoisers.flux import pack
+    from fewstep.pipelines import load_pipeline
+    from fewstep.solvers import make_solver, sample
+    from fewstep.testing.tiny import save_tiny_pipeline
+
+    path = save_tiny_pipeline("flux_schnell", tmp_path / "schnell", seed=0)
+    lp = load_pipeline(str(path), resolution=32)
+    den = lp.denoiser()
+    assert not den.takes_guidance and lp.schedule.dynamic is None
+    n = 3
+    assert lp.schedule.timesteps(n).tolist() == pytest.approx([1000.0, 2000 / 3, 1000 / 3])  # linspace(1, 1/n, n)
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    ours = sample(den, make_solver("euler"), x.clone(), lp.schedule.sampling_grid(n), lp.encode_prompts(["a cat"]),
+                  guidance=2.5)
+    pipe = FluxPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a cat", negative_prompt="", true_cfg_scale=2.5, num_inference_steps=n, latents=pack(x), height=32,
+               width=32, output_type="latent").images
+    ref = FluxPipeline._unpack_latents(ref, 32, 32, pipe.vae_scale_factor)
+    plain = sample(den, make_solver("euler"), x.clone(), lp.schedule.sampling_grid(n), lp.encode_prompts(["a cat"]))
+    assert (ours - plain).abs().max() > 1e-3  # the guidance did something
+    torch.testing.assert_close(ours, ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)

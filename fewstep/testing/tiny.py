@@ -80,12 +80,12 @@ def tiny_sdxl(tmp: Path) -> StableDiffusionXLPipeline:
     )
 
 
-def tiny_sd3(tmp: Path) -> StableDiffusion3Pipeline:
+def tiny_sd3(tmp: Path, **transformer_kwargs) -> StableDiffusion3Pipeline:
     tok = _tokenizer(tmp / "tok")
     transformer = SD3Transformer2DModel(
         sample_size=SAMPLE_SIZE, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
         num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=2 * TEXT_DIM,
-        pooled_projection_dim=2 * TEXT_DIM, out_channels=4,
+        pooled_projection_dim=2 * TEXT_DIM, out_channels=4, **transformer_kwargs,
     )
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -96,15 +96,27 @@ def tiny_sd3(tmp: Path) -> StableDiffusion3Pipeline:
     )
 
 
+def tiny_sd35(tmp: Path) -> StableDiffusion3Pipeline:
+    """SD 3.5-shaped: SD3's pipeline and scheduler (shift 3.0), an MMDiT with QK RMS-norm (SD 3.5 Large and Medium,
+    ``qk_norm: rms_norm``) and a dual-attention first layer (SD 3.5 Medium's MMDiT-X, ``dual_attention_layers``)."""
+    return tiny_sd3(tmp, qk_norm="rms_norm", dual_attention_layers=(0,))
+
+
 #: FLUX.1-dev's scheduler config (black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json; the hub is offline
 #: here, so the values are as public trainers reproduce them, e.g. ostris/ai-toolkit's): resolution-dependent shifting
 FLUX_SCHEDULER = {"shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
                   "base_image_seq_len": 256, "max_image_seq_len": 4096}
 
 
-def tiny_flux(tmp: Path):
+#: FLUX.1-schnell's: no shift at all (black-forest-labs/flux src/flux/cli.py samples it with ``shift=(name !=
+#: "flux-schnell")``; its diffusers scheduler has use_dynamic_shifting false, shift 1)
+FLUX_SCHNELL_SCHEDULER = {"shift": 1.0, "use_dynamic_shifting": False}
+
+
+def tiny_flux(tmp: Path, schnell: bool = False):
     """FLUX.1 [dev]-shaped: CLIP (pooled) + T5 (sequence) text encoders, a FluxTransformer2DModel with the guidance
-    embedding, 4 latent channels packed 2x2 into 16 (FLUX.1 has 16, packed into 64), the dynamic-shift scheduler."""
+    embedding, 4 latent channels packed 2x2 into 16 (FLUX.1 has 16, packed into 64), the dynamic-shift scheduler.
+    ``schnell``: FLUX.1 [schnell]-shaped instead (no guidance embedding, no shift)."""
     from diffusers import FluxPipeline, FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
@@ -113,19 +125,27 @@ def tiny_flux(tmp: Path):
                                  decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=TEXT_DIM,
-                                         pooled_projection_dim=TEXT_DIM, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+                                         pooled_projection_dim=TEXT_DIM, guidance_embeds=not schnell,
+                                         axes_dims_rope=(2, 2, 4))
     return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**(FLUX_SCHNELL_SCHEDULER if schnell else FLUX_SCHEDULER)),
+        transformer=transformer,
         vae=_vae(scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
         text_encoder=CLIPTextModel(_text_config(tok)), tokenizer=tok, text_encoder_2=t5, tokenizer_2=t5_tokenizer(),
     )
 
 
-BUILDERS = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux}
+def tiny_flux_schnell(tmp: Path):
+    return tiny_flux(tmp, schnell=True)
+
+
+BUILDERS = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "sd35": tiny_sd35, "flux": tiny_flux,
+            "flux_schnell": tiny_flux_schnell}
 
 
 def build_tiny_pipeline(family: str, tmp: str | Path, seed: int = 0, **kwargs):
-    """A tiny pipeline of ``family`` (sd, sdxl, sd3, flux) with seeded random weights; ``tmp`` holds its tokenizer files.
+    """A tiny pipeline of ``family`` (sd, sdxl, sd3, sd35, flux, flux_schnell) with seeded random weights; ``tmp``
+    holds its tokenizer files.
     ``kwargs`` go to the builder (sd: ``channels``, the UNet's two block widths)."""
     builder = lookup(BUILDERS, family, "pipeline family")
     torch.manual_seed(seed)
