@@ -23,7 +23,11 @@ def resolve_checkpoint(value: str, stage_outputs: dict[str, Path]) -> str:
 
 
 def build_loss(recipe: Recipe, models: Models, stage_outputs: dict[str, Path] | None = None) -> DistillationLoss:
-    """The loss of ``recipe.loss`` over ``models``; ``fake_from: stage:NAME`` names that stage's checkpoint."""
+    """The loss of ``recipe.loss`` over ``models``; ``fake_from: stage:NAME`` names that stage's checkpoint.
+
+    The networks a loss creates (discriminators, a fake score from scratch, sCM's weighting) draw their initial
+    weights from ``train.seed`` under a forked RNG, not from whatever the global generator holds by then: that state
+    differs between a 1-process and a 2-process launch of the same pipeline run, and so did the discriminator."""
     name, settings = split_named(recipe.loss)
     cls = loss_class(name)
     settings = check_kwargs(cls, settings, "loss", skip=cls.provided)
@@ -32,7 +36,11 @@ def build_loss(recipe: Recipe, models: Models, stage_outputs: dict[str, Path] | 
             settings["fake_from"] = resolve_checkpoint(settings["fake_from"], stage_outputs or {})
         except FewstepError as e:
             raise FewstepError(f"loss.fake_from: {e}") from None
-    return cls.from_models(models, **settings)
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.train.seed)
+        return cls.from_models(models, **settings)
 
 
 def check_data(loss: DistillationLoss, loss_name: str, data_name: str, dataset) -> None:

@@ -61,10 +61,12 @@ class FluxDenoiser(Denoiser):
         self.net = transformer
         self.sample_shape = tuple(int(s) for s in sample_shape)
         self.default_guidance = float(default_guidance)
+        #: [dev]'s guidance embedding (read once: a DDP or FSDP wrapper around the network hides its config)
+        self.guidance_embeds = bool(getattr(transformer.config, "guidance_embeds", False))
 
     @property
     def takes_guidance(self) -> bool:
-        return bool(getattr(self.net.config, "guidance_embeds", False))
+        return self.guidance_embeds
 
     def guidance_input(self, w: Tensor) -> Tensor:
         return w.float()
