@@ -302,3 +302,57 @@ def test_fake_score_copies_the_float32_teacher_weights_not_their_teacher_dtype_r
     assert all(v.dtype == torch.float32 for v in fake.values())
     assert all(torch.equal(fake[k], disk[k]) for k in disk)
     assert not all(torch.equal(disk[k].half().float(), disk[k]) for k in disk)  # rounding would have changed them
+
+
+def test_fake_target_x0_is_the_velocity_loss_weighted_by_s_squared_on_a_flow():
+    """fake_target x0 (FastGen's fake_score_pred_type "x0", its FLUX.1 DMD2) against a hand computation from the
+    networks' raw inputs and outputs: the generator's x = z - u_G (one step from s = 1), x_t = (1 - s) x + s eps, the
+    fake score's u_f; native loss mean((u_f - (eps - x))^2), x0 loss mean((x_t - s u_f - x)^2) = mean(s^2 (...)^2)."""
+    from fewstep.schedules import FlowSchedule
+
+    sch = FlowSchedule()
+    teacher = MixtureDenoiser(make_mixture("ring"), sch)
+    batch = {"x0": make_mixture("ring").sample(64), "seeds": torch.arange(64)}
+    for target in ("native", "x0"):
+        torch.manual_seed(0)
+        student = MLPDenoiser(MLPNet(dim=2, hidden=32, depth=2, num_classes=0), sch, "flow")
+        loss = FDivergenceLoss.from_models(Models(teacher, student, sch, sample_shape=(2,)), divergence="reverse_kl",
+                                           fake_target=target)
+        seen = {}
+        student.net.register_forward_hook(lambda m, i, o: seen.update(z=i[0], u_g=o))
+        loss.fake_score.net.register_forward_hook(lambda m, i, o: seen.update(x_t=i[0], s=i[1], u_f=o))
+        with torch.no_grad():
+            got = float(loss("fake_score", batch, student, teacher).loss)
+        x = seen["z"] - seen["u_g"]
+        s = seen["s"][:, None]
+        eps = (seen["x_t"] - (1 - s) * x) / s
+        per_sample = ((seen["u_f"] - (eps - x)) ** 2).mean(1)
+        expected = (s[:, 0] ** 2 * per_sample).mean() if target == "x0" else per_sample.mean()
+        assert got == pytest.approx(float(expected), rel=1e-4)
+        if target == "x0":
+            assert got == pytest.approx(float(((seen["x_t"] - s * seen["u_f"] - x) ** 2).mean()), rel=1e-4)
+            assert float(per_sample.mean()) > 1.5 * got  # the s^2 weighting is not a no-op
+    with pytest.raises(FewstepError, match="unknown fake_target 'eps'; valid: native, x0"):
+        FDivergenceLoss.from_models(Models(teacher, student, sch, sample_shape=(2,)), fake_target="eps")
+
+
+def test_the_networks_a_loss_creates_start_from_the_run_seed_whatever_the_global_rng(tmp_path, tiny_dirs, captioned_dir):
+    """A discriminator head (and any network a loss builds) draws its initial weights from train.seed: before, the
+    global generator's state at build time decided them, and it differs between a 1-process and a 2-process launch,
+    so an SD GAN run's discriminator started elsewhere on 2 DDP processes (0.26 apart after 2 steps; now 7e-8)."""
+    from fewstep.build import build
+    from fewstep.config import validate
+
+    def disc(global_seed: int, run_seed: int = 0):
+        raw = {"name": "t", "teacher": {"kind": "pipeline", "path": str(tiny_dirs["sd"])},
+               "student": {"kind": "pipeline", "init": "teacher"},
+               "loss": {"name": "fdistill", "divergence": "reverse_kl", "guidance": 1.5, "gan_weight": 0.01},
+               "data": {"name": "images", "root": str(captioned_dir), "resolution": 32},
+               "sample": {"solver": "renoise", "spacing": "trailing", "steps": 1},
+               "train": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "progress": False, "seed": run_seed}}
+        torch.manual_seed(global_seed)
+        head = build(validate(raw)).loss.discriminator.head
+        return torch.cat([p.detach().flatten() for p in head.parameters()])
+
+    a, b, c = disc(1), disc(2), disc(1, run_seed=5)
+    assert torch.equal(a, b) and not torch.allclose(a, c)

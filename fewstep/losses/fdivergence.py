@@ -41,6 +41,8 @@ from .gan import critic_step, generator_loss
 
 #: fake-score initializations for network teachers (True) and weightless ones (False)
 FAKE_INITS = {True: ("teacher", "teacher_lora"), False: ("scratch", "student")}
+#: what the fake score's denoising loss compares: its native output with the native target, or x0_hat with the sample
+FAKE_TARGETS = ("native", "x0")
 #: default LoRA targets of a ``teacher_lora`` fake score (diffusers UNet and transformer layer names)
 FAKE_LORA_TARGETS = WIDE_TARGETS
 
@@ -115,6 +117,9 @@ class FDivergenceLoss(DistillationLoss):
             "scratch" or a copy of the "student" (which starts as a trained denoiser).
         fake_lora_rank, fake_lora_targets: the adapters of ``teacher_lora`` (targets absent from the network are
             skipped).
+        fake_target: the fake score's denoising loss on its ``native`` output (the network's own parameterization)
+            or on ``x0`` (x0_hat against the generator sample; FastGen's ``fake_score_pred_type = "x0"``, its FLUX.1
+            DMD2). On a flow the x0 loss is the velocity loss times s^2.
         fake_from: ``stage:NAME`` (that stage's newest checkpoint) or a checkpoint directory: its fake score's
             weights replace the fresh ``fake_init`` copy, so a stage that continues an f-distill run keeps the
             fake score it trained (DMD2's GAN stage resumes generator and fake UNet from the matching run).
@@ -124,7 +129,8 @@ class FDivergenceLoss(DistillationLoss):
     student_phase = "generator"
     #: a module with its own optimizer settings (``optimizers.discriminator``), a parameter group of fake_score
     groups = ("discriminator",)
-    choices = {"divergence": tuple(WEIGHTINGS), "fake_init": (*FAKE_INITS[True], *FAKE_INITS[False])}
+    choices = {"divergence": tuple(WEIGHTINGS), "fake_init": (*FAKE_INITS[True], *FAKE_INITS[False]),
+               "fake_target": FAKE_TARGETS}
     provided = ("fake_score", "discriminator", "sample_shape", "fake_shares_teacher")
 
     def __init__(self, *, fake_score: Any = None, discriminator: nn.Module | None = None, divergence: str = "reverse_kl",
@@ -133,8 +139,9 @@ class FDivergenceLoss(DistillationLoss):
                  timesteps: list[int] | None = None, ratio_bins: int = 0, ratio_momentum: float = 0.99, regression_weight: float = 0.0,
                  sample_shape: tuple[int, ...] | None = None, fake_init: str | None = None, fake_lora_rank: int = 64,
                  fake_lora_targets: list[str] | None = None, fake_from: str | None = None,
-                 fake_shares_teacher: bool = False) -> None:
+                 fake_shares_teacher: bool = False, fake_target: str = "native") -> None:
         super().__init__()
+        self.fake_target = check_choice(fake_target, FAKE_TARGETS, "fake_target")
         self.fake_init, self.fake_lora_rank = fake_init, fake_lora_rank
         self.fake_lora_targets = fake_lora_targets or FAKE_LORA_TARGETS
         #: the fake score is the teacher's network with its LoRA adapters on (``fake_init: teacher_lora``)
@@ -314,8 +321,10 @@ class FDivergenceLoss(DistillationLoss):
         """The fake score's denoising loss on detached generator samples (and the discriminator's GAN loss)."""
         x = self.generate(student, z, cond, rng, grad=False).detach()
         x_t = student.schedule.add_noise(x, eps, t)
-        pred = self.fake_score.native(x_t, t, cond)
-        loss = F.mse_loss(pred, self.fake_score.native_target(x, eps, t))
+        if self.fake_target == "x0":  # FastGen's fake_score_pred_type "x0": the denoising loss on x0_hat
+            loss = F.mse_loss(self.fake_score(x_t, t, cond), x.float())
+        else:
+            loss = F.mse_loss(self.fake_score.native(x_t, t, cond), self.fake_score.native_target(x, eps, t))
         logs = {"fake_score_loss": loss.detach()}
         if self.discriminator is not None:  # DMD2: the classifier trains with the fake score, same samples
             real_t = student.schedule.add_noise(batch["x0"].float(), eps, t)
