@@ -77,6 +77,8 @@ class LoadedPipeline:
     origin: dict[str, Any] = field(default_factory=dict)
     #: the image side in pixels this pipeline runs at, when not its default (``teacher.resolution``)
     image_size: int | None = None
+    #: built from configs on the meta device (``load_pipeline(empty=True)``): sizes only, no condition, no samples
+    empty: bool = False
 
     def __post_init__(self) -> None:
         self.schedule = self._sized(self.schedule)
@@ -166,8 +168,11 @@ class LoadedPipeline:
         r = resolution or self.resolution
         return torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32, device=self.device).repeat(n, 1)
 
-    def null_cond(self) -> dict[str, Tensor]:
-        """The unconditional condition (batch 1): the empty prompt, or zeros where SDXL forces them."""
+    def null_cond(self) -> dict[str, Tensor] | None:
+        """The unconditional condition (batch 1): the empty prompt, or zeros where SDXL forces them (None for an
+        ``empty`` pipeline, whose text encoders have no weights to run)."""
+        if self.empty:
+            return None
         if self._null_cond is None:
             cond = self.encode_prompts([""])
             if self.family == "sdxl" and getattr(self.pipe.config, "force_zeros_for_empty_prompt", False):
@@ -242,10 +247,43 @@ def _quiet_loading():
         tlog.enable_progress_bar()
 
 
+def _empty_pipeline(path: str, config: dict[str, Any], class_name: str, dtype: torch.dtype, given: dict[str, Any]):
+    """The pipeline with every network built from its config alone, its weights on the meta device (no memory, no
+    weight files read): what ``--dry-run`` counts and sizes. Schedulers and tokenizers load as usual; ``given``
+    components (None for an absent safety checker or T5) are taken as they are."""
+    import importlib
+
+    import diffusers
+    from accelerate import init_empty_weights
+    from diffusers import ModelMixin
+
+    components: dict[str, Any] = dict(given)
+    for name, spec in config.items():
+        if name.startswith("_") or not isinstance(spec, list) or name in given:
+            continue
+        if spec[0] is None:
+            components[name] = None
+            continue
+        cls = getattr(importlib.import_module(spec[0]), spec[1])
+        if issubclass(cls, ModelMixin):
+            with init_empty_weights():
+                net = cls.from_config(cls.load_config(path, subfolder=name))
+                components[name] = net if dtype == torch.float32 else net.to(dtype)
+        elif issubclass(cls, torch.nn.Module):  # a transformers text encoder
+            from transformers import AutoConfig
+
+            with init_empty_weights():
+                components[name] = cls._from_config(AutoConfig.from_pretrained(path, subfolder=name), dtype=dtype)
+        else:  # scheduler, tokenizer
+            components[name] = cls.from_pretrained(path, subfolder=name)
+    return getattr(diffusers, class_name)(**components)
+
+
 def load_pipeline(name: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                  variant: str | None = None, resolution: int | None = None) -> LoadedPipeline:
+                  variant: str | None = None, resolution: int | None = None, empty: bool = False) -> LoadedPipeline:
     """Load an SD 1.x/2.x, SDXL, SD3/3.5 or FLUX.1 pipeline from a local directory or hub id; ``resolution`` (image
-    side in pixels) when it is to run at another size than its default."""
+    side in pixels) when it is to run at another size than its default. ``empty``: the networks from their configs
+    alone, on the meta device (sizes without weights: ``--dry-run``); such a pipeline cannot encode or sample."""
     from diffusers import DiffusionPipeline
 
     path = resolve_model(name)
@@ -266,10 +304,14 @@ def load_pipeline(name: str, *, dtype: torch.dtype = torch.float32, device: str 
                 extra[key] = None
     try:
         with _quiet_loading():
-            pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, variant=variant, **extra)
+            if empty:
+                pipe = _empty_pipeline(path, config, class_name, dtype, extra)
+            else:
+                pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, variant=variant, **extra)
     except OSError as e:
         raise FewstepError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
-    pipe.to(device)
+    if not empty:
+        pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     local = Path(name).expanduser()
     base = str(local.resolve()) if local.exists() else name  # a hub id stays a hub id
@@ -278,7 +320,7 @@ def load_pipeline(name: str, *, dtype: torch.dtype = torch.float32, device: str 
         raise FewstepError(f"resolution {resolution} does not fit {class_name}: it must be a positive multiple of {step} "
                            "(the VAE's factor" + (" times FLUX.1's 2x2 packing)" if family == "flux" else ")"))
     return LoadedPipeline(family, pipe, *_read_scheduler(pipe.scheduler), origin={"base": base, "base_loras": []},
-                          image_size=resolution)
+                          image_size=resolution, empty=empty)
 
 
 def _read_scheduler(scheduler) -> tuple[Schedule, str]:

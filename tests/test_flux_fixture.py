@@ -113,3 +113,29 @@ def test_flux_schnell_true_cfg_and_static_grid_equal_fluxpipeline(tmp_path):
     plain = sample(den, make_solver("euler"), x.clone(), lp.schedule.sampling_grid(n), lp.encode_prompts(["a cat"]))
     assert (ours - plain).abs().max() > 1e-3  # the guidance did something
     torch.testing.assert_close(ours, ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
+
+
+def test_dry_run_of_flux_dmd_sizes_flux1_dev_from_its_configs_alone(tmp_path, captioned_dir, capsys):
+    """`fewstep distill flux_dmd --dry-run` at FLUX.1 [dev]'s size (a directory of configs: no transformer weights
+    exist): the transformer's 11.9B parameters (BFL: "12 billion"), built on the meta device; the full run and its
+    LoRA alternatives, and the per-process FSDP rows."""
+    import re
+
+    from fewstep.cli import main
+    from fewstep.testing.tiny import save_flux_dev_sized
+
+    path = save_flux_dev_sized(tmp_path / "flux-dev")
+    assert not list((path / "transformer").glob("*.safetensors"))
+    rc = main(["distill", "flux_dmd", f"teacher.path={path}", f"data.root={captioned_dir}",
+               f"train.output_dir={tmp_path / 'run'}", "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0 and not (tmp_path / "run").exists()
+    counts = {m[0]: int(m[1].replace(",", "")) for m in re.findall(r"^ *(\w+): ([\d,]+) (?:trainable|0 trainable)", out, re.M)}
+    assert counts["student"] == 11_901_408_320 and counts["fake_score"] == 11_901_408_320
+    gib = {m[0].strip(): float(m[1]) for m in re.findall(r"^  (.+?) +[\d,]+ trainable +([\d.]+) GiB", out, re.M)}
+    full, both = gib["this run"], gib["LoRA rank 64 student and fake score as LoRA rank 64"]
+    # a float32 student and fake score with AdamW (16 bytes a parameter each) and the bfloat16 teacher: ~378 GiB
+    assert full == pytest.approx((2 * 16 + 2) * 11_901_408_320 / 2**30, rel=0.01)
+    assert both < 80e9 / 2**30 < full  # only the LoRA variant fits one 80 GB GPU (before activations)
+    sharded = float(re.search(r"fsdp, teacher sharded +([\d.]+) GiB", out)[1])
+    assert sharded == pytest.approx(full / 8, rel=0.06)  # FSDP over 8 processes: about an eighth each

@@ -86,12 +86,14 @@ def optimizer_specs(recipe: Recipe, loss: DistillationLoss) -> dict[str, PhaseOp
     return specs
 
 
-def build(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None) -> BuiltRun:
-    """Build every object of a (validated) recipe."""
+def build(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None, weights: bool = True) -> BuiltRun:
+    """Build every object of a (validated) recipe; ``weights=False``: a pipeline teacher from its configs on the meta
+    device (``--dry-run`` sizes it; nothing of such a run can train or sample)."""
     check_recipe(recipe)
     tr = recipe.train
     schedule, schedule_spec = schedule_from(recipe)
-    teacher = build_model(recipe.teacher, "teacher", schedule, stage_outputs=stage_outputs, seed=tr.seed)
+    teacher = build_model(recipe.teacher, "teacher", schedule, stage_outputs=stage_outputs, seed=tr.seed,
+                          weights=weights)
     if teacher.pipeline is not None:
         schedule = teacher.denoiser.schedule
     student = build_student(recipe, schedule, teacher, stage_outputs)

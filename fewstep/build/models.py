@@ -78,7 +78,9 @@ def with_guidance_embedding(unet, dim: int):
 
 
 def build_model(spec: ModelSection, key: str, schedule: Schedule, *, teacher: LoadedModel | None = None,
-                stage_outputs: dict[str, Path] | None = None, seed: int = 0) -> LoadedModel:
+                stage_outputs: dict[str, Path] | None = None, seed: int = 0, weights: bool = True) -> LoadedModel:
+    """The model of a ``teacher`` or ``student`` section; ``weights=False`` builds a pipeline from its configs on the
+    meta device (``--dry-run``: sizes without loading a 12B model)."""
     stage_outputs = stage_outputs or {}
     if spec.kind == "none":
         return LoadedModel(None, "none")
@@ -90,7 +92,7 @@ def build_model(spec: ModelSection, key: str, schedule: Schedule, *, teacher: Lo
     if spec.kind == "pipeline" and spec.init != "teacher":
         from ..pipelines import load_pipeline
 
-        lp = load_pipeline(resolve_stage(spec.path, stage_outputs), resolution=spec.resolution)
+        lp = load_pipeline(resolve_stage(spec.path, stage_outputs), resolution=spec.resolution, empty=not weights)
         return LoadedModel(lp.denoiser(), "pipeline", lp)
     if spec.kind == "pretrained":
         from ..export import load_final

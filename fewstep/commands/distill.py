@@ -26,6 +26,10 @@ def _count(module) -> tuple[int, int]:
     return train, sum(p.numel() for p in params) - train
 
 
+#: the GPU memory the dry run's "fits" marks rows against (an 80 GB A100 / H100)
+ONE_GPU_GB = 80
+
+
 def dry_run(recipe, processes: int = 8) -> int:
     """The resolved recipe, then per stage (a recipe without stages is one) each network's parameters and
     memory estimates for it and its full / LoRA counterparts. A stage that reads an earlier stage's model
@@ -59,7 +63,7 @@ def _estimate(recipe, stage_outputs: dict, processes: int) -> None:
     from ..memory import (OPTIMIZER_STATES, estimate, largest_unit_bytes, lora_parameter_count, own_bytes,
                           per_process_bytes)
 
-    b = build(recipe, stage_outputs=stage_outputs)  # the teacher comes frozen, as the loop trains it
+    b = build(recipe, stage_outputs=stage_outputs, weights=False)  # a pipeline from its configs, on the meta device
     student = b.student.denoiser.net
     teacher = getattr(b.teacher.denoiser, "net", None)
     extra = b.loss.modules_to_train()
@@ -72,26 +76,34 @@ def _estimate(recipe, stage_outputs: dict, processes: int) -> None:
     ema = recipe.train.ema_decay is not None
     s_train, s_frozen = _count(student)
     here = estimate([student, teacher, *extra.values()], optimizer=opt, ema_params=s_train if ema else 0)
-    rows = [("this run", here.trainable, here.gib)]
+    rows = [("this run", here.trainable, here.bytes)]
+    student_delta = None  # (trainable, bytes) a LoRA student instead of a full one changes
     if recipe.lora is not None:  # the same run training the whole student: its base weights (already counted once)
         delta = (s_frozen - s_train) * (per_trained + (4 if ema else 0)) - s_train * 4  # adapters' own weights go
-        rows.append(("full student instead of LoRA", here.trainable - s_train + s_frozen, (here.bytes + delta) / 2**30))
+        rows.append(("full student instead of LoRA", here.trainable - s_train + s_frozen, here.bytes + delta))
     else:
         rank = 64
         n = lora_parameter_count(student, rank, WIDE_TARGETS)
-        delta = (n - s_train) * (per_trained + (4 if ema else 0)) + n * 4
-        rows.append((f"LoRA rank {rank} student instead of full", here.trainable - s_train + n, (here.bytes + delta) / 2**30))
+        student_delta = (n - s_train, (n - s_train) * (per_trained + (4 if ema else 0)) + n * 4)
+        rows.append((f"LoRA rank {rank} student instead of full", here.trainable + student_delta[0],
+                     here.bytes + student_delta[1]))
     for name, (rank, targets, how) in b.loss.lora_alternatives().items():  # e.g. f-distill's full fake-score copy
         if teacher is None:
             continue
         copy_train = _count(extra[name])[0]
         n = lora_parameter_count(teacher, rank, targets)
         saved = sum(p.numel() * p.element_size() for p in extra[name].parameters()) + copy_train * per_trained
-        rows.append((f"{name.replace('_', ' ')} as LoRA rank {rank} on the teacher ({how})", here.trainable - copy_train + n,
-                     (here.bytes - saved + n * (4 + per_trained)) / 2**30))
-    print(f"memory estimate (weights, gradients, {opt} state{', EMA' if ema else ''}; activations excluded):")
-    for label, trainable, gib in rows:
-        print(f"  {label:<44} {trainable:>14,} trainable  {gib:8.3f} GiB")
+        alt = (n - copy_train, n * (4 + per_trained) - saved)
+        label = name.replace("_", " ")
+        rows.append((f"{label} as LoRA rank {rank} on the teacher ({how})", here.trainable + alt[0], here.bytes + alt[1]))
+        if student_delta is not None:
+            rows.append((f"LoRA rank 64 student and {label} as LoRA rank {rank}", here.trainable + alt[0] + student_delta[0],
+                         here.bytes + alt[1] + student_delta[1]))
+    print(f"memory estimate (weights, gradients, {opt} state{', EMA' if ema else ''}; activations excluded; "
+          f"'fits': under {ONE_GPU_GB} GB, one GPU's memory, before activations):")
+    for label, trainable, nbytes in rows:
+        fits = "fits" if nbytes < ONE_GPU_GB * 1e9 else ""
+        print(f"  {label:<52} {trainable:>15,} trainable  {nbytes / 2**30:8.3f} GiB  {fits}")
     teacher_only = own_bytes(teacher, [student, *extra.values()])  # kept whole under fsdp_teacher: replicate
     unit = largest_unit_bytes([student, teacher, *extra.values()])
     current = (recipe.train.parallel, recipe.train.fsdp_teacher)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -195,4 +197,27 @@ def save_random_lpips(path: Path, seed: int = 0) -> Path:
             lin.weight.data = lin.weight.data.abs()
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))
+    return path
+
+
+def save_flux_dev_sized(path: str | Path) -> Path:
+    """A FLUX.1 [dev]-sized pipeline directory of configs only, for ``--dry-run``: the tiny fixture with its transformer
+    config replaced by FLUX.1's (FluxTransformer2DModel's defaults with the guidance embedding, as diffusers'
+    scripts/convert_flux_to_diffusers.py builds FLUX.1 [dev]: 19 joint + 38 single blocks of width 3072) and its VAE's
+    by FLUX.1's (SD3's 16-channel VAE config with scaling 0.3611, shift 0.1159, as that script). No transformer or VAE
+    weights are written: a dry run must not need them."""
+    from diffusers import FluxTransformer2DModel
+
+    path = save_tiny_pipeline("flux", path)
+    for sub in ("transformer", "vae"):
+        for f in (path / sub).glob("*.safetensors"):
+            f.unlink()
+    with torch.device("meta"):
+        config = dict(FluxTransformer2DModel(guidance_embeds=True).config)
+    (path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel", **config}))
+    vae = {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 16,
+           "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32,
+           "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+           "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False, "use_post_quant_conv": False}
+    (path / "vae" / "config.json").write_text(json.dumps(vae))
     return path
