@@ -1,4 +1,4 @@
-"""docs/recipes.md "Provenance of the SD recipes": every sd15_/sdxl_/sd3_ recipe has a table, and every row that
+"""docs/recipes.md "Provenance of the SD recipes": every sd15_/sdxl_/sd3_/sd35_/flux_ recipe has a table, and every row that
 names a recipe key states the value the recipe file has (stages resolved as fewstep runs them, defaults filled in
 from the loss class and the recipe sections), so the tables and the recipes cannot drift apart."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from fewstep.losses import loss_class
 from fewstep.run import stage_recipes
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
-SD = tuple(sorted(n for n in available_recipes() if n.startswith(("sd15_", "sdxl_", "sd3_"))))
+SD = tuple(sorted(n for n in available_recipes() if n.startswith(("sd15_", "sdxl_", "sd3_", "sd35_", "flux_"))))
 #: what every SD table must cover (a row whose key ends so, in the base or a stage)
 REQUIRED = ("optimizer.lr", "optimizer.betas", "train.batch_size", "train.max_steps", "train.ema_decay")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..config import load_recipe
 
 #: recipe name prefix -> pipeline family (fewstep.testing.tiny)
-FAMILY = {"sd15_": "sd", "sdxl_": "sdxl", "sd3_": "sd3"}
+FAMILY = {"sd15_": "sd", "sdxl_": "sdxl", "sd3_": "sd3", "sd35_": "sd35", "flux_": "flux"}
 
 
 def family_of(name: str) -> str | None:
@@ -22,6 +22,8 @@ def standin_overrides(name: str, *, pipelines: dict[str, str | Path], images: st
     family = family_of(name)
     out = [f"teacher.path={pipelines[family]}"] if family else []
     recipe = load_recipe(name)
+    if family and recipe.raw.get("teacher", {}).get("resolution"):  # a recipe's own size (FLUX.1 at 512) -> the tiny one
+        out.append(f"teacher.resolution={resolution}")
     sections = [("", recipe.raw)] + [(f"stages.{st['name']}.", st) for st in recipe.stages]
     for prefix, section in sections:
         if family and (section.get("data") or {}).get("name") == "images":
