@@ -1,11 +1,14 @@
-"""GPU rehearsal: every SD recipe (sd15_*, sdxl_*, sd3_*; DMD at 1 and 4 generator steps) trains a few steps at the
-published architecture sizes, and each stage reports its step time per phase and its peak CUDA memory.
+"""GPU rehearsal: every SD recipe (sd15_*, sdxl_*, sd3_*, flux_*; DMD at 1 and 4 generator steps) trains a few steps
+at the published architecture sizes, and each stage reports its step time per phase and its peak CUDA memory.
 
     python benchmarks/gpu_rehearsal.py [--budget 280] [--guard 30] [--recipes sd15_dmd,...] [--out report.json]
 
 With CUDA: pipelines with random weights are built on the GPU from the configs below (SD 1.5, SDXL base, SD3
-medium without its T5 encoder: no tokenizer files offline, and diffusers runs SD3 with zeros in its place), saved
-in float16 under /dev/shm, and every recipe runs against them with its own batch, dtypes and resolution. Without
+medium without its T5 encoder: no tokenizer files offline, and diffusers runs SD3 with zeros in its place; FLUX.1
+[dev] at 11.9B with T5-XXL, its tokenizer fewstep's small Unigram one), saved in float16 (FLUX.1: bfloat16, as it
+ships) under /dev/shm, and every recipe runs against them with its own batch, dtypes and resolution. flux_dmd itself (12B student and fake score:
+378 GiB before activations) needs FSDP over 8 GPUs; one GPU rehearses flux_dmd@lora, LoRA student and fake score
+(72 GiB before activations), the variant --dry-run says fits. Without
 CUDA (or with --tiny): the same code on the test suite's tiny pipelines at batch 2, to check the script.
 
 Each stage: pairs stages make one batch of pairs with the recipe's solver and steps (pairs/s); training stages
@@ -51,19 +54,29 @@ VAE = {"in_channels": 3, "out_channels": 3, "layers_per_block": 2, "block_out_ch
 VAE_BY_FAMILY = {"sd": {"latent_channels": 4, "sample_size": 512, "scaling_factor": 0.18215},
                  "sdxl": {"latent_channels": 4, "sample_size": 1024, "scaling_factor": 0.13025},
                  "sd3": {"latent_channels": 16, "sample_size": 1024, "scaling_factor": 1.5305, "shift_factor": 0.0609,
-                         "use_quant_conv": False, "use_post_quant_conv": False}}
+                         "use_quant_conv": False, "use_post_quant_conv": False},
+                 "flux": {"latent_channels": 16, "sample_size": 1024, "scaling_factor": 0.3611, "shift_factor": 0.1159,
+                          "use_quant_conv": False, "use_post_quant_conv": False}}
 CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
           "projection_dim": 768, "hidden_act": "quick_gelu"}
 CLIP_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20, "num_hidden_layers": 32,
           "projection_dim": 1280, "hidden_act": "gelu"}
 SD_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
                 "set_alpha_to_one": False, "steps_offset": 1}
-RESOLUTION = {"sd": 512, "sdxl": 1024, "sd3": 1024}
+#: T5 v1.1 XXL (google/t5-v1_1-xxl), FLUX.1's text_encoder_2
+T5_XXL = {"d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64, "vocab_size": 32128,
+          "feed_forward_proj": "gated-gelu", "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1}
+#: the default image size of each family's recipes (a recipe's own teacher.resolution or data.resolution wins)
+RESOLUTION = {"sd": 512, "sdxl": 1024, "sd3": 1024, "flux": 1024}
 #: (label, recipe, overrides): every SD recipe, DMD's 4-step generator (backward simulation), and one SD 1.5 and one
 #: SDXL recipe with train.compile (regional torch.compile; the first step of each phase compiles and is not counted)
 EXTRA = [("sd15_dmd@4steps", "sd15_dmd", ["loss.steps=4", "sample.steps=4"]),
          ("sd15_lcm@compile", "sd15_lcm", ["train.compile=true"]),
-         ("sdxl_lcm_lora@compile", "sdxl_lcm_lora", ["train.compile=true"])]
+         ("sdxl_lcm_lora@compile", "sdxl_lcm_lora", ["train.compile=true"]),
+         ("flux_dmd@lora", "flux_dmd", ["lora.rank=64", "lora.alpha=64", "loss.fake_init=teacher_lora",
+                                        "train.parallel=ddp"])]
+#: recipes one GPU cannot hold (reported, not run)
+TOO_BIG = {"flux_dmd": "12B student and fake score with AdamW: 378 GiB before activations; FSDP over 8 GPUs"}
 
 
 def real_pipeline(family: str, directory: Path) -> Path:
@@ -95,31 +108,50 @@ def real_pipeline(family: str, directory: Path) -> Path:
                                              tokenizer_2=tok, unet=UNet2DConditionModel(**SDXL_UNET),
                                              scheduler=DDIMScheduler(**{**SD_SCHEDULER, "timestep_spacing": "leading"}),
                                              force_zeros_for_empty_prompt=True)
+        elif family == "flux":  # FluxTransformer2DModel's defaults are FLUX.1's (scripts/convert_flux_to_diffusers.py)
+            from diffusers import FluxPipeline, FluxTransformer2DModel
+            from transformers import T5Config, T5EncoderModel
+
+            from fewstep.testing.tiny import FLUX_SCHEDULER
+            from fewstep.testing.tokenizer import t5_tokenizer
+
+            pipe = FluxPipeline(transformer=FluxTransformer2DModel(guidance_embeds=True),
+                                scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae,
+                                text_encoder=clip(CLIP_L, CLIPTextModel), tokenizer=tok,
+                                text_encoder_2=T5EncoderModel(T5Config(**T5_XXL)), tokenizer_2=t5_tokenizer())
         else:
             pipe = StableDiffusion3Pipeline(transformer=SD3Transformer2DModel(**SD3_TRANSFORMER),
                                             scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
                                             text_encoder=clip(CLIP_L, CLIPTextModelWithProjection), tokenizer=tok,
                                             text_encoder_2=clip(CLIP_G, CLIPTextModelWithProjection), tokenizer_2=tok,
                                             text_encoder_3=None, tokenizer_3=None)
-    pipe.to(torch.float16).save_pretrained(directory)
+    pipe.to(torch.bfloat16 if family == "flux" else torch.float16).save_pretrained(directory)
     del pipe
     torch.cuda.empty_cache()
     return directory
 
 
-def standins(root: Path, tiny: bool) -> tuple[dict[str, Path], dict[str, Path], Path]:
-    """(pipelines, image folders per family, LPIPS file)."""
+def standins(root: Path, tiny: bool, fams: tuple[str, ...]) -> tuple[dict[str, Path], dict[int, Path], Path]:
+    """(pipelines of ``fams``, captioned image folders per resolution, LPIPS file). FLUX.1 at full size is 33 GB in
+    bfloat16 with its T5: only the families the chosen recipes need are built."""
     from fewstep.testing.tiny import TINY_RESOLUTION, save_captioned_digits, save_random_lpips, save_tiny_pipeline
 
-    fams = ("sd", "sdxl", "sd3")
     if tiny:
         pipes = {f: save_tiny_pipeline(f, root / f) for f in fams}
-        images = save_captioned_digits(root / "images", resolution=TINY_RESOLUTION)
-        folders = {f: images for f in fams}
+        folders = {TINY_RESOLUTION: save_captioned_digits(root / "images", resolution=TINY_RESOLUTION)}
     else:
         pipes = {f: real_pipeline(f, root / f) for f in fams}
-        folders = {f: save_captioned_digits(root / f"images{RESOLUTION[f]}", num=16, resolution=RESOLUTION[f]) for f in fams}
+        folders = {r: save_captioned_digits(root / f"images{r}", num=16, resolution=r) for r in (512, 1024)}
     return pipes, folders, save_random_lpips(root / "lpips_vgg.safetensors")
+
+
+def recipe_resolution(name: str, family: str) -> int:
+    """The image size a recipe runs at: its teacher.resolution, else its data.resolution, else the family's."""
+    from fewstep.config import load_recipe
+
+    raw = load_recipe(name).raw
+    return int((raw.get("teacher") or {}).get("resolution") or (raw.get("data") or {}).get("resolution")
+               or RESOLUTION[family])
 
 
 def without_stage_models(sub, base_raw):
@@ -177,8 +209,10 @@ def rehearse(label: str, name: str, extra: list[str], stand: tuple, root: Path, 
 
     pipes, folders, lpips = stand
     fam = family_of(name)
-    over = standin_overrides(name, pipelines=pipes, images=folders[fam],
-                             resolution=TINY_RESOLUTION if tiny else RESOLUTION[fam], lpips_weights=lpips)
+    if name in TOO_BIG and label == name:
+        return [{"recipe": label, "stage": "-", "kind": "distill", "status": f"not run: {TOO_BIG[name]}"}]
+    res = TINY_RESOLUTION if tiny else recipe_resolution(name, fam)
+    over = standin_overrides(name, pipelines=pipes, images=folders[res], resolution=res, lpips_weights=lpips)
     over += [f"train.output_dir={root / 'runs' / label}", "train.progress=false", "train.sample_every=0",
              "train.eval_every=0", *extra]
     if tiny:  # float32 on CPU: its float16 and bfloat16 kernels are slow and say nothing about a GPU's
@@ -297,7 +331,7 @@ def main() -> int:
     args = ap.parse_args()
     start = time.perf_counter()
     tiny = args.tiny or not torch.cuda.is_available()
-    jobs = [(n, n, []) for n in sorted(available_recipes()) if n.startswith(("sd15_", "sdxl_", "sd3_"))] + EXTRA
+    jobs = [(n, n, []) for n in sorted(available_recipes()) if n.startswith(("sd15_", "sdxl_", "sd3_", "flux_"))] + EXTRA
     if args.recipes:
         wanted = args.recipes.split(",")
         unknown = sorted(set(wanted) - {j[0] for j in jobs})
@@ -308,7 +342,12 @@ def main() -> int:
     shm = Path("/dev/shm")
     with tempfile.TemporaryDirectory(dir=shm if (not tiny and shm.is_dir()) else None) as tmp:
         root = Path(tmp)
-        stand = standins(root, tiny)
+        from fewstep.testing.recipes import family_of
+
+        fams = tuple(dict.fromkeys(family_of(name) for _, name, _ in jobs))
+        if not args.no_latency:  # the latency rows time SD 1.5 and SDXL
+            fams = tuple(dict.fromkeys((*fams, "sd", "sdxl")))
+        stand = standins(root, tiny, fams)
         device = torch.cuda.get_device_name() if not tiny else "CPU, tiny pipelines"
         print(f"gpu_rehearsal on {device}: stand-ins ready after {time.perf_counter() - start:.0f} s", flush=True)
         rows = []

@@ -178,3 +178,21 @@ def test_the_token_discriminator_reads_each_patch_where_fluxpipeline_places_it(f
     for k, (_, r, c) in enumerate(ids.tolist()):
         expected[:, :, r, c] = seen["tokens"][:, k].float()
     torch.testing.assert_close(grids["grid"], expected, rtol=0, atol=0)
+
+
+def test_a_flow_consistency_student_lcms_boundary_cannot_export_is_refused_before_training(tmp_path, family_dirs,
+                                                                                      captioned_dir, capsys):
+    """LCM's timestep_scaling 10 on a FLUX.1 student: FlowMatchLCMScheduler (the export) has no c_skip, so the run is
+    refused with one line and exit code 2 before anything is written."""
+    import yaml
+
+    from fewstep.cli import main
+
+    raw = _recipe(tmp_path, "flux", family_dirs["flux"], captioned_dir, "lcm")
+    raw["loss"]["timestep_scaling"] = 10.0
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["distill", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "loss.timestep_scaling 10.0" in err[0] and "FlowMatchLCMScheduler" in err[0]
+    assert "use 1000 or more" in err[0] and not (tmp_path / "run").exists()
