@@ -52,7 +52,9 @@ def _recipe(tmp_path, family, base, captioned_dir, cell: str, *, pairs_made: boo
         raw.update(loss={"name": "consistency", "target": "online", "num_timesteps": 10, "guidance_min": 2.0,
                          "guidance_max": 2.0, "timestep_scaling": 10.0 if vp else 1000.0},
                    data={"name": "images", "root": str(captioned_dir), "resolution": SIZE},
-                   sample={"solver": "consistency", "steps": 2, "num": 1, "spacing": "lcm" if vp else None})
+                   sample={"solver": "consistency", "steps": 2, "num": 1, "spacing": "lcm" if vp else None,
+                           # FLUX.1 [dev]'s student takes w as an input: it samples at the w it trained at
+                           "guidance": 2.0 if family == "flux" else None})
     elif cell == "scm":  # continuous-time consistency (TrigFlow view, JVP through the student); one step
         raw.update(loss={"name": "scm", "guidance_min": 2.0, "guidance_max": 2.0, "tangent_warmup_steps": 1},
                    data={"name": "images", "root": str(captioned_dir), "resolution": SIZE},
