@@ -49,8 +49,10 @@ def native_time(schedule: Schedule, t_hat: Tensor, sigma_data: float) -> Tensor:
 
 def trig_range(schedule: Schedule, sigma_data: float) -> tuple[float, float]:
     """(t_hat_min, t_hat_max): the TrigFlow times the schedule's native range [0, T - 1] (VP) or [0, T] (flow) covers."""
-    lo = float(trig_time(schedule, torch.tensor([0.0]), sigma_data))
-    hi = float(trig_time(schedule, torch.tensor([noisiest_time(schedule)]), sigma_data))
+    # 0-dim times: fewstep.testing.devices reads alpha_sigma's table.to(t.device) as a move to the accelerator, so a
+    # (1,) host time there was a false alarm (on CUDA both stay on the host); a 0-dim operand is a scalar either way
+    lo = float(trig_time(schedule, 0.0, sigma_data))
+    hi = float(trig_time(schedule, noisiest_time(schedule), sigma_data))
     return max(lo, T_HAT_EDGE), min(hi, math.pi / 2 - T_HAT_EDGE)
 
 
