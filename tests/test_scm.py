@@ -262,3 +262,29 @@ def test_resume_is_bit_exact_with_the_weighting_and_its_optimizer(tmp_path):
     assert int(state["iteration"]) == 6
     weighting = load_file(str(tmp_path / "ref" / ckpt / "module.weighting.safetensors"))
     assert float(weighting["linear.bias"].abs()) > 0  # the adaptive weight trained
+
+
+def test_trigflow_preconditioning_is_edm_in_trigflow_time():
+    """precondition trigflow: x0_hat = cos t x_hat + sd sin t F(x_hat / sd, t) with t = atan(s / sd) and x_hat = cos t
+    x_t / alpha (Lu & Song 2025's TrigFlow form), written out by hand against the MLP's own output; edm differs only
+    in the time input (log(s) / 4)."""
+    import math
+
+    from fewstep.denoisers import MLPDenoiser, MLPNet
+    from fewstep.schedules import VPSchedule
+
+    sch = VPSchedule.from_betas(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    torch.manual_seed(0)
+    net = MLPNet(dim=2, hidden=16, depth=2, num_classes=0).double()
+    den = MLPDenoiser(net, sch, precondition="trigflow", sigma_data=0.5)
+    x = torch.randn(5, 2, dtype=torch.float64)
+    t = torch.tensor([3.0, 100.0, 400.0, 800.0, 999.0], dtype=torch.float64)
+    alpha, sigma = sch.coefficients(t, x)
+    s = sigma / alpha
+    t_hat = torch.atan(s / 0.5)
+    x_hat = torch.cos(t_hat) * x / alpha
+    expected = torch.cos(t_hat) * x_hat + 0.5 * torch.sin(t_hat) * net(x_hat / 0.5, t_hat.reshape(-1))
+    torch.testing.assert_close(den(x, t), expected, rtol=1e-12, atol=1e-12)
+    assert float(t_hat.max()) < math.pi / 2
+    edm = MLPDenoiser(net, sch, precondition="edm", sigma_data=0.5)
+    assert (edm(x, t) - den(x, t)).abs().max() > 1e-3  # the time input is what differs

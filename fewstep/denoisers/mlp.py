@@ -12,7 +12,7 @@ from ..errors import check_choice
 from ..schedules import Schedule
 from .base import Cond, Denoiser
 
-PRECONDITIONINGS = ("none", "edm")
+PRECONDITIONINGS = ("none", "edm", "trigflow")
 
 
 class MLPNet(ModelMixin, ConfigMixin):
@@ -51,6 +51,11 @@ class MLPDenoiser(Denoiser):
     ``precondition="edm"`` (Karras et al. 2022, Table 1): with s = sigma/alpha the VE noise level,
     x0_hat = c_skip(s) x_t/alpha + c_out(s) F(c_in(s) x_t/alpha, log(s)/4), c_skip = sd^2/(s^2+sd^2),
     c_out = s sd / sqrt(s^2+sd^2), c_in = 1/sqrt(s^2+sd^2); the native output is then x0 ("sample").
+    ``precondition="trigflow"``: the same scalings, which in TrigFlow time t = atan(s / sd) are cos^2 t, sd sin t and
+    cos t / sd (x0_hat = cos t x_hat + sd sin t F with x_hat = cos t x_t / alpha the TrigFlow sample: Lu & Song 2025's
+    form with F's sign flipped), with the time input c_noise = t itself instead of
+    log(s)/4: sCM's stable time conditioning (sec. 4.1), whose derivative dc_noise/dt = 1 stays bounded where
+    d log(sd tan t)/dt = 1 / (sin t cos t) grows without bound at both ends, and with it the tangent dF/dt.
     """
 
     cond_keys = ("class_labels",)
@@ -60,7 +65,7 @@ class MLPDenoiser(Denoiser):
         precondition: str = "none", sigma_data: float = 0.5, **kwargs,
     ) -> None:
         self.precondition = check_choice(precondition, PRECONDITIONINGS, "preconditioning")
-        if self.precondition == "edm":
+        if self.precondition in ("edm", "trigflow"):
             prediction_type = "sample"
         if net.config.num_classes and "null_cond" not in kwargs:
             kwargs["null_cond"] = {"class_labels": torch.tensor([net.config.num_classes])}
@@ -77,6 +82,9 @@ class MLPDenoiser(Denoiser):
         s = sigma / alpha
         sd2 = self.sigma_data**2
         x_ve = x_t / alpha
-        c_noise = s.reshape(-1).clamp_min(1e-8).log() / 4
+        if self.precondition == "trigflow":
+            c_noise = torch.atan(s.reshape(-1) / self.sigma_data)
+        else:
+            c_noise = s.reshape(-1).clamp_min(1e-8).log() / 4
         F = self.net(x_ve / (s * s + sd2).sqrt(), c_noise, labels)
         return sd2 / (s * s + sd2) * x_ve + s * self.sigma_data / (s * s + sd2).sqrt() * F
