@@ -44,8 +44,8 @@ class XTDiscriminator(nn.Module):
     def for_denoiser(cls, den, **kwargs) -> "XTDiscriminator":
         """A discriminator shaped for a denoiser's samples (MLPNet: vectors; UNets: images)."""
         cfg = den.net.config
-        if getattr(den, "sample_shape", None) is not None:  # a pipeline denoiser's latent shape (FLUX.1: unpacked)
-            shape, classes = tuple(den.sample_shape), 0
+        if den.sample_shape is not None:  # a pipeline denoiser's latent shape (FLUX.1: unpacked)
+            shape, classes = den.sample_shape, 0
         elif hasattr(cfg, "dim"):
             shape = (cfg.dim,)
             classes = getattr(cfg, "num_classes", 0) or 0
@@ -68,27 +68,40 @@ class XTDiscriminator(nn.Module):
         return out
 
 
-class FeatureDiscriminator(nn.Module):
-    """A head on a frozen UNet's mid-block features at (x_t, t, c) (DMD2 puts its classifier on the fake
-    score's bottleneck; fewstep uses the frozen teacher's, so the features do not drift). The UNet is not a
-    submodule: only the head is trained and checkpointed; gradients still flow through it to x_t."""
+class _TeacherFeatures(nn.Module):
+    """The features one module of a frozen teacher's network produces at (x_t, t, c), kept by a forward hook. The
+    teacher is not a submodule: only a subclass's head is trained and checkpointed; gradients still flow through the
+    teacher to x_t. ``pick``: which element of a tuple output to keep."""
 
-    def __init__(self, denoiser, *, width: int = 128) -> None:
+    def __init__(self, denoiser, module: nn.Module, pick: int) -> None:
         super().__init__()
         object.__setattr__(self, "_den", denoiser)
+        self._pick = pick
+        self._features: Tensor | None = None
+        module.register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output) -> None:
+        self._features = output[self._pick] if isinstance(output, tuple) else output
+
+    def features(self, x_t: Tensor, t: Tensor, cond: dict | None) -> Tensor:
+        self._den.native(x_t, t, cond)
+        feats, self._features = self._features, None
+        return feats
+
+
+class FeatureDiscriminator(_TeacherFeatures):
+    """A head on a frozen UNet's mid-block features at (x_t, t, c) (DMD2 puts its classifier on the fake
+    score's bottleneck; fewstep uses the frozen teacher's, so the features do not drift)."""
+
+    def __init__(self, denoiser, *, width: int = 128) -> None:
+        super().__init__(denoiser, denoiser.net.mid_block, pick=0)
         channels = denoiser.net.config.block_out_channels[-1]
         self.head = nn.Sequential(
             nn.Conv2d(channels, width, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 1),
         )
-        self._features: Tensor | None = None
-        denoiser.net.mid_block.register_forward_hook(self._keep)
-
-    def _keep(self, module, inputs, output) -> None:
-        self._features = output[0] if isinstance(output, tuple) else output
 
     def forward(self, x_t: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
-        self._den.native(x_t, t, cond)
-        feats, self._features = self._features, None
+        feats = self.features(x_t, t, cond)
         return self.head(feats.float()).sum(1)  # one logit per sample, not a view (see XTDiscriminator)
 
 
@@ -97,34 +110,27 @@ def transformer_blocks(net: nn.Module) -> list[nn.Module]:
     return [*getattr(net, "transformer_blocks", []), *getattr(net, "single_transformer_blocks", [])]
 
 
-class TokenFeatureDiscriminator(nn.Module):
+class TokenFeatureDiscriminator(_TeacherFeatures):
     """A head on a frozen flow transformer's image-token features at (x_t, t, c), from its middle block (index
     num_blocks // 2, FastGen's default for FLUX.1: fastgen/networks/discriminators.py, Discriminator_ImageDiT; its
     FLUX.1 DMD2 also reads the teacher's features). The tokens (B, H/2 * W/2, D) are laid out as the (H/2, W/2) patch
     grid they come from; the head: a 4x4 stride-2 convolution to D/2 channels, group norm, leaky ReLU, a 1x1
-    convolution to one channel, averaged. As FeatureDiscriminator, the transformer is not a submodule."""
+    convolution to one channel, averaged."""
 
     def __init__(self, denoiser, *, block: int | None = None) -> None:
-        super().__init__()
-        object.__setattr__(self, "_den", denoiser)
         blocks = transformer_blocks(denoiser.net)
-        self.block = len(blocks) // 2 if block is None else int(block)
+        block = len(blocks) // 2 if block is None else int(block)
+        super().__init__(denoiser, blocks[block], pick=1)  # a block returns (text, image) tokens: the image's
+        self.block = block
         dim = int(denoiser.net.config.num_attention_heads * denoiser.net.config.attention_head_dim)
         hidden = max(dim // 2, 1)
         self.head = nn.Sequential(
             nn.Conv2d(dim, hidden, 4, stride=2, padding=1), nn.GroupNorm(math.gcd(32, hidden), hidden),
             nn.LeakyReLU(0.2), nn.Conv2d(hidden, 1, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
-        self._features: Tensor | None = None
-        blocks[self.block].register_forward_hook(self._keep)
-
-    def _keep(self, module, inputs, output) -> None:
-        self._features = output[1] if isinstance(output, tuple) else output  # (text, image) tokens: the image's
 
     def forward(self, x_t: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
-        self._den.native(x_t, t, cond)
-        tokens, self._features = self._features, None
+        tokens = self.features(x_t, t, cond)
         h, w = x_t.shape[-2] // 2, x_t.shape[-1] // 2
         grid = tokens.float().transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
         return self.head(grid).sum(1)  # one logit per sample, not a view (see XTDiscriminator)
-

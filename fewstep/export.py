@@ -210,14 +210,13 @@ def pipeline_call(meta: dict[str, Any], steps: int, family: str) -> tuple[dict[s
     s = meta["sampler"]
     if str(meta.get("scheduler", "")).startswith("FlowMatch") and family in ("sd", "sdxl"):
         return None, "the SD pipelines have no flow-matching loop: docs/reflow.md's manual loop samples this student"
-    kwargs: dict[str, Any] = {"guidance_scale": 1.0 if s.get("guidance") is None else s["guidance"]}
-    if family == "flux":  # [dev]'s guidance is an input (FluxPipeline's default 3.5 when fewstep's sampler has none);
-        # the grid shifts with the size, so the call names it
-        from .denoisers.flux import FLUX_GUIDANCE
+    from .denoisers.flux import FLUX_GUIDANCE
 
-        kwargs["guidance_scale"] = FLUX_GUIDANCE if s.get("guidance") is None else s["guidance"]
-        if meta.get("resolution"):
-            kwargs.update(height=meta["resolution"], width=meta["resolution"])
+    # FLUX.1 [dev]'s guidance is an input: with none in fewstep's sampler, its denoiser's default (FluxPipeline's 3.5)
+    unguided = FLUX_GUIDANCE if family == "flux" else 1.0
+    kwargs: dict[str, Any] = {"guidance_scale": unguided if s.get("guidance") is None else s["guidance"]}
+    if family == "flux" and meta.get("resolution"):  # the grid shifts with the size, so the call names it
+        kwargs.update(height=meta["resolution"], width=meta["resolution"])
     if s["solver"] == "renoise" and family in ("sd", "sdxl"):
         given = s.get("timesteps") if steps == s["steps"] else None
         kwargs["timesteps"] = given or list(range(999, 0, -1000 // steps))[:steps]

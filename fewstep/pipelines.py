@@ -188,12 +188,8 @@ class LoadedPipeline:
     def wrap(self, net: torch.nn.Module, schedule: Schedule, prediction_type: str, *,
              null_cond: Cond | None) -> Denoiser:
         """``net`` (this pipeline's network or a copy of it) as this family's Denoiser at this pipeline's size."""
-        if self.family == "flux":
-            return FluxDenoiser(net, schedule, prediction_type, sample_shape=self.sample_shape, null_cond=null_cond)
-        cls = SD3Denoiser if self.family == "sd3" else UNetDenoiser
-        den = cls(net, schedule, prediction_type, null_cond=null_cond)
-        den.sample_shape = self.sample_shape
-        return den
+        cls = {"flux": FluxDenoiser, "sd3": SD3Denoiser}.get(self.family, UNetDenoiser)
+        return cls(net, schedule, prediction_type, sample_shape=self.sample_shape, null_cond=null_cond)
 
     # ------------------------------------------------------------------ VAE
     def _vae_in_dtype(self):
@@ -315,12 +311,13 @@ def load_pipeline(name: str, *, dtype: torch.dtype = torch.float32, device: str 
     pipe.set_progress_bar_config(disable=True)
     local = Path(name).expanduser()
     base = str(local.resolve()) if local.exists() else name  # a hub id stays a hub id
-    step = (2 if family == "flux" else 1) * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    lp = LoadedPipeline(family, pipe, *_read_scheduler(pipe.scheduler), origin={"base": base, "base_loras": []},
+                        image_size=resolution, empty=empty)
+    step = (2 if family == "flux" else 1) * lp.vae_scale_factor
     if resolution is not None and (resolution < step or resolution % step):
         raise FewstepError(f"resolution {resolution} does not fit {class_name}: it must be a positive multiple of {step} "
                            "(the VAE's factor" + (" times FLUX.1's 2x2 packing)" if family == "flux" else ")"))
-    return LoadedPipeline(family, pipe, *_read_scheduler(pipe.scheduler), origin={"base": base, "base_loras": []},
-                          image_size=resolution, empty=empty)
+    return lp
 
 
 def _read_scheduler(scheduler) -> tuple[Schedule, str]:

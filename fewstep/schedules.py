@@ -320,14 +320,13 @@ class FlowSchedule(Schedule):
         T = self.num_train_timesteps
         if spacing == "lcm":  # the skipping-step grid in flow time t = 1000 s (consistency students)
             return torch.tensor(lcm_timesteps(num_steps, T, original_steps), dtype=torch.float64)
-        if self.dynamic is not None:  # FluxPipeline's grid: sigmas linspace(1, 1/n, n), shifted by mu
-            if self.mu is None:
+        if self.pipeline_sigmas:  # FluxPipeline's grid: sigmas linspace(1, 1/n, n), shifted by mu or statically
+            if self.dynamic is not None and self.mu is None:
                 raise FewstepError("this flow schedule shifts with the resolution (use_dynamic_shifting): its timesteps "
                                    "need the image's token count; use schedule.for_sequence(num_tokens)")
-            s = self._dynamic_shifted(np.linspace(1.0, 1.0 / num_steps, num_steps))
+            sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps)
+            s = self._dynamic_shifted(sigmas) if self.dynamic is not None else self.shifted(sigmas)
             return torch.tensor(s * T, dtype=torch.float64)
-        if self.pipeline_sigmas:  # FluxPipeline's sigmas under a static shift (FLUX.1 [schnell]: none)
-            return torch.tensor(self.shifted(np.linspace(1.0, 1.0 / num_steps, num_steps)) * T, dtype=torch.float64)
         s_min = float(self.shifted(np.array(1.0 / T)))
         s = self.shifted(np.linspace(1.0, s_min, num_steps))
         return torch.tensor(s * T, dtype=torch.float64)

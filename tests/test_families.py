@@ -5,6 +5,8 @@ to 1e-5. docs/families.md lists the cells, the ones that do not apply and why, a
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -72,17 +74,17 @@ def _recipe(tmp_path, family, base, captioned_dir, cell: str, *, pairs_made: boo
     return raw
 
 
-def _plain_diffusers_sample(final, meta: dict, steps: int, seed: int = 0) -> torch.Tensor:
+def _plain_diffusers_sample(final, meta: dict, steps: int, seed: int = 0) -> tuple[torch.Tensor, Any]:
     """The exported student sampled by plain diffusers: the pipeline class from_pretrained (a LoRA: its base plus
-    load_lora_weights), the exported scheduler, fewstep's seed-``seed`` latents and its solver's noise generator."""
+    load_lora_weights), the exported scheduler, fewstep's seed-``seed`` latents and its solver's noise seed: (image in
+    [-1, 1], the pipeline)."""
     import diffusers
 
     from fewstep.denoisers.flux import pack
     from fewstep.export import pipeline_call
     from fewstep.pipelines import FAMILIES as FAMILY_OF
 
-    index = json.loads(((final if meta["kind"] != "lora" else __import__("pathlib").Path(meta["base"]))
-                        / "model_index.json").read_text())
+    index = json.loads(((final if meta["kind"] != "lora" else Path(meta["base"])) / "model_index.json").read_text())
     no_t5 = {k: None for k in ("text_encoder_3", "tokenizer_3") if index.get(k, [None])[0] is None and k in index}
     if meta["kind"] == "lora":
         pipe = getattr(diffusers, meta["pipeline_class"]).from_pretrained(meta["base"], **no_t5)

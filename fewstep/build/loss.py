@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ..config import Recipe, check_kwargs
 from ..errors import FewstepError
 from ..losses import loss_class
@@ -36,8 +38,6 @@ def build_loss(recipe: Recipe, models: Models, stage_outputs: dict[str, Path] | 
             settings["fake_from"] = resolve_checkpoint(settings["fake_from"], stage_outputs or {})
         except FewstepError as e:
             raise FewstepError(f"loss.fake_from: {e}") from None
-    import torch
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.train.seed)
         return cls.from_models(models, **settings)

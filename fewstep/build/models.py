@@ -147,8 +147,8 @@ def sample_shape(model: LoadedModel) -> tuple[int, ...]:
     den = model.denoiser
     if isinstance(den, MixtureDenoiser):
         return (den.mixture.dim,)
-    if getattr(den, "sample_shape", None) is not None:  # pipeline denoisers know their latent shape
-        return tuple(den.sample_shape)
+    if den.sample_shape is not None:  # pipeline denoisers know their latent shape
+        return den.sample_shape
     net = den.net
     if isinstance(net, MLPNet):
         return (net.config.dim,)

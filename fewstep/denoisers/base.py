@@ -66,6 +66,8 @@ class Denoiser(nn.Module):
         null_cond: the condition meaning "no condition" (empty-prompt embeddings, the null class),
             batch size 1; needed for classifier-free guidance.
         guidance_embedding_dim: width of the network's guidance embedding input, if it has one.
+        sample_shape: the shape of one sample the network takes, where the network alone does not say it (a
+            pipeline's latents at the size it runs: ``LoadedPipeline.wrap``); None otherwise.
     """
 
     cond_keys: tuple[str, ...] = ()
@@ -77,8 +79,10 @@ class Denoiser(nn.Module):
         *,
         null_cond: Cond | None = None,
         guidance_embedding_dim: int | None = None,
+        sample_shape: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
+        self.sample_shape = tuple(int(s) for s in sample_shape) if sample_shape is not None else None
         self.schedule = schedule
         self.prediction_type = check_choice(prediction_type, PREDICTION_TYPES, "prediction type")
         self.null_cond = dict(null_cond) if null_cond is not None else None

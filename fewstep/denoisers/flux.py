@@ -57,9 +57,8 @@ class FluxDenoiser(Denoiser):
 
     def __init__(self, transformer: nn.Module, schedule: Schedule, prediction_type: str = "flow", *,
                  sample_shape: tuple[int, int, int], default_guidance: float = FLUX_GUIDANCE, **kwargs) -> None:
-        super().__init__(schedule, prediction_type, **kwargs)
+        super().__init__(schedule, prediction_type, sample_shape=sample_shape, **kwargs)
         self.net = transformer
-        self.sample_shape = tuple(int(s) for s in sample_shape)
         self.default_guidance = float(default_guidance)
         #: [dev]'s guidance embedding (read once: a DDP or FSDP wrapper around the network hides its config)
         self.guidance_embeds = bool(getattr(transformer.config, "guidance_embeds", False))

@@ -5,9 +5,8 @@ saved to disk exercises the same ``from_pretrained`` path as Stable Diffusion it
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 import torch
 from diffusers import (
