@@ -103,11 +103,11 @@ def pipeline_scheduler(student: Denoiser, pipeline, sampler: dict[str, Any]):
     return None
 
 
-def model_card(meta: dict[str, Any], recipe_yaml: str) -> str:
+def model_card(meta: dict[str, Any], recipe_yaml: str, schedule: Schedule | None = None) -> str:
     s = meta["sampler"]
     guidance = "none" if s.get("guidance") is None else s["guidance"]
     lora = "" if meta["kind"] != "lora" else (
-        f"\nA LoRA for `{meta['base']}` ({meta['weights']}, diffusers format). In plain diffusers:\n\n{lora_usage(meta)}"
+        f"\nA LoRA for `{meta['base']}` ({meta['weights']}, diffusers format). In plain diffusers:\n\n{lora_usage(meta, schedule)}"
         "\n`fewstep lora fuse <this directory> --out DIR` bakes it into a full pipeline.\n")
     return f"""# {meta.get('recipe', 'fewstep model')}
 
@@ -185,7 +185,7 @@ def write_final(student: Denoiser, directory: Path, *, kind: str, meta: dict[str
     if student.null_cond is not None and "class_labels" in student.null_cond:
         meta["null_class"] = int(student.null_cond["class_labels"].reshape(-1)[0])
     (directory / META).write_text(json.dumps(meta, indent=2))
-    (directory / "README.md").write_text(model_card(meta, recipe_yaml))
+    (directory / "README.md").write_text(model_card(meta, recipe_yaml, student.schedule))
     return directory
 
 
@@ -203,13 +203,21 @@ def _write_lora(net, directory: Path, meta: dict[str, Any], pipeline, scheduler)
                 scheduler=type(sched).__name__, pipeline_class=type(pipeline.pipe).__name__)
 
 
-def pipeline_call(meta: dict[str, Any], steps: int, family: str) -> tuple[dict[str, Any] | None, str]:
+def pipeline_call(meta: dict[str, Any], steps: int, family: str,
+                  schedule: Schedule | None = None) -> tuple[dict[str, Any] | None, str]:
     """The keyword arguments of the plain diffusers pipeline call that samples an exported pipeline or LoRA student
     with its sampler at ``steps`` (the model card's: ``guidance_scale``, and ``num_inference_steps`` or, for the
-    re-noising sampler, its trailing ``timesteps``), or (None, why) where no pipeline call expresses the sampler."""
+    re-noising sampler, its trailing ``timesteps``), or (None, why) where no pipeline call expresses the sampler.
+    An sCM student's TrigFlow grid (``spacing: trigflow``) is laid out on the student's ``schedule``."""
     s = meta["sampler"]
     if str(meta.get("scheduler", "")).startswith("FlowMatch") and family in ("sd", "sdxl"):
         return None, "the SD pipelines have no flow-matching loop: docs/reflow.md's manual loop samples this student"
+    trigflow = s.get("spacing") == "trigflow" and steps > 1
+    if trigflow and family not in ("sd", "sdxl"):
+        return None, (f"the TrigFlow grid at {steps} steps is not the pipeline's FlowMatchLCMScheduler grid: "
+                      "`fewstep sample` samples this student")
+    if trigflow and schedule is None:
+        raise ValueError("pipeline_call needs the student's schedule for a spacing: trigflow sampler")
     from .denoisers.flux import FLUX_GUIDANCE
 
     # FLUX.1 [dev]'s guidance is an input: with none in fewstep's sampler, its denoiser's default (FluxPipeline's 3.5)
@@ -217,7 +225,11 @@ def pipeline_call(meta: dict[str, Any], steps: int, family: str) -> tuple[dict[s
     kwargs: dict[str, Any] = {"guidance_scale": unguided if s.get("guidance") is None else s["guidance"]}
     if family == "flux" and meta.get("resolution"):  # the grid shifts with the size, so the call names it
         kwargs.update(height=meta["resolution"], width=meta["resolution"])
-    if s["solver"] == "renoise" and family in ("sd", "sdxl"):
+    if s["solver"] == "renoise" and family in ("sd", "sdxl") and trigflow:
+        from .sampling import sampler_grid
+
+        kwargs["timesteps"] = [int(t) for t in sampler_grid(schedule, s, steps)[:-1].tolist()]
+    elif s["solver"] == "renoise" and family in ("sd", "sdxl"):
         given = s.get("timesteps") if steps == s["steps"] else None
         kwargs["timesteps"] = given or list(range(999, 0, -1000 // steps))[:steps]
     else:
@@ -225,12 +237,12 @@ def pipeline_call(meta: dict[str, Any], steps: int, family: str) -> tuple[dict[s
     return kwargs, ""
 
 
-def lora_usage(meta: dict[str, Any]) -> str:
-    """The plain-diffusers lines that sample a LoRA final/ (for its model card)."""
+def lora_usage(meta: dict[str, Any], schedule: Schedule | None = None) -> str:
+    """The plain-diffusers lines that sample a LoRA final/ (for its model card; ``schedule``: the student's)."""
     s = meta["sampler"]
     fused = "".join(f'pipe.load_lora_weights("{f}")\npipe.fuse_lora()\npipe.unload_lora_weights()\n'
                     for f in meta.get("base_loras", []))
-    kwargs, _ = pipeline_call(meta, s["steps"], meta.get("family", "sd"))
+    kwargs, _ = pipeline_call(meta, s["steps"], meta.get("family", "sd"), schedule)
     kwargs = kwargs or {"num_inference_steps": s["steps"], "guidance_scale": 1.0 if s.get("guidance") is None
                         else s["guidance"]}
     guidance = kwargs.pop("guidance_scale")

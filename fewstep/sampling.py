@@ -6,7 +6,8 @@ Settings a loss adds (``DistillationLoss.sampler_settings``):
 - consistency (LCM): ``timestep_scaling`` and ``sigma_data`` of the boundary coefficients c_skip, c_out, and
   ``original_steps`` N, the skipping-step grid ``spacing: lcm`` picks from (LCMScheduler's
   ``original_inference_steps``);
-- sCM: ``sigma_data``, the TrigFlow scale its ``spacing: trigflow`` grid is laid out in;
+- sCM: ``sigma_data``, the TrigFlow scale its ``spacing: trigflow`` grid is laid out in, and ``intermediate_t``,
+  the grid's middle time for two steps (SCMScheduler's ``intermediate_timesteps``);
 - f-distill / DMD2: ``timesteps``, the generator's own timesteps (DMD2 SDXL's one step at
   ``conditioning_timestep`` 399 from pure noise).
 """
@@ -36,9 +37,10 @@ def sampler_grid(schedule: Schedule, settings: dict[str, Any], steps: int | None
     schedule's grid for ``steps`` (default the model's) with its spacing (``lcm``: from ``original_steps``)."""
     n = steps or settings["steps"]
     if settings.get("spacing") == "trigflow":  # sCM students: diffusers' SCMScheduler grid in TrigFlow time
-        from .denoisers.trigflow import trigflow_timesteps
+        from .denoisers.trigflow import INTERMEDIATE_T_HAT, trigflow_timesteps
 
-        ts = trigflow_timesteps(schedule, n, settings.get("sigma_data") or 0.5)
+        ts = trigflow_timesteps(schedule, n, settings.get("sigma_data") or 0.5,
+                                settings.get("intermediate_t") or INTERMEDIATE_T_HAT)
         return torch.cat([ts, torch.tensor([schedule.t_clean], dtype=torch.float64)])
     fixed = settings.get("timesteps")
     if fixed is not None and len(fixed) == n:

@@ -57,10 +57,11 @@ def _recipe(tmp_path, family, base, captioned_dir, cell: str, *, pairs_made: boo
                    sample={"solver": "consistency", "steps": 2, "num": 1, "spacing": "lcm" if vp else None,
                            # FLUX.1 [dev]'s student takes w as an input: it samples at the w it trained at
                            "guidance": 2.0 if family == "flux" else None})
-    elif cell == "scm":  # continuous-time consistency (TrigFlow view, JVP through the student); one step
+    elif cell == "scm":  # continuous-time consistency (TrigFlow view, JVP through the student); SD: one and two
+        # steps (LCMScheduler called with the TrigFlow grid's timesteps), flow transformers: one (below)
         raw.update(loss={"name": "scm", "guidance_min": 2.0, "guidance_max": 2.0, "tangent_warmup_steps": 1},
                    data={"name": "images", "root": str(captioned_dir), "resolution": SIZE},
-                   sample={"solver": "renoise", "spacing": "trigflow", "steps": 1, "num": 1})
+                   sample={"solver": "renoise", "spacing": "trigflow", "steps": 2 if family in VP else 1, "num": 1})
     else:  # DMD: reverse-KL f-distill on prompts; the fake score a copy (full) or adapters on the teacher (LoRA)
         loss = {"name": "fdistill", "divergence": "reverse_kl", "guidance": 2.0, "fake_updates": 1}
         if cell == "dmd_lora":
@@ -74,7 +75,7 @@ def _recipe(tmp_path, family, base, captioned_dir, cell: str, *, pairs_made: boo
     return raw
 
 
-def _plain_diffusers_sample(final, meta: dict, steps: int, seed: int = 0) -> tuple[torch.Tensor, Any]:
+def _plain_diffusers_sample(final, meta: dict, steps: int, schedule, seed: int = 0) -> tuple[torch.Tensor, Any]:
     """The exported student sampled by plain diffusers: the pipeline class from_pretrained (a LoRA: its base plus
     load_lora_weights), the exported scheduler, fewstep's seed-``seed`` latents and its solver's noise seed: (image in
     [-1, 1], the pipeline)."""
@@ -95,7 +96,7 @@ def _plain_diffusers_sample(final, meta: dict, steps: int, seed: int = 0) -> tup
         pipe = diffusers.DiffusionPipeline.from_pretrained(final, **no_t5)  # SD3 without its T5, as saved
     pipe.set_progress_bar_config(disable=True)
     family = FAMILY_OF[type(pipe).__name__]
-    kwargs, why = pipeline_call(meta, steps, family)
+    kwargs, why = pipeline_call(meta, steps, family, schedule)
     assert kwargs is not None, why
     latents = torch.randn(1, *meta["sample_shape"], generator=torch.Generator().manual_seed(seed))
     if family == "flux":
@@ -131,7 +132,7 @@ def _run_cell(family, cell, tmp_path, family_dirs, captioned_dir):
     results = {}
     for steps in sorted({1, meta["sampler"]["steps"]}):
         ours = gen(1, seed=0, steps=steps, prompts=[PROMPT])
-        plain, pipe = _plain_diffusers_sample(final, meta, steps)
+        plain, pipe = _plain_diffusers_sample(final, meta, steps, gen.denoiser.schedule)
         assert ours.shape == plain.shape == (1, 3, SIZE, SIZE)
         results[steps] = (ours - plain).abs().max().item()
         torch.testing.assert_close(ours, plain, atol=1e-5, rtol=0)

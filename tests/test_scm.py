@@ -230,6 +230,32 @@ def test_renoise_on_the_trigflow_grid_is_scmschedulers_sampler(steps):
         assert float(t_hat[1]) == pytest.approx(1.3, abs=2e-3)  # SCMScheduler's intermediate time (VP rounds to 532)
 
 
+@pytest.mark.parametrize("intermediate", [1.3, 1.1, 1.02])
+def test_the_two_step_middle_time_is_scmschedulers_intermediate_timesteps(intermediate):
+    """``intermediate_t`` (a loss setting, written to the sampler) places the two-step grid's middle time where
+    SCMScheduler.set_timesteps(2, intermediate_timesteps=...) puts it; the exported SD student's pipeline call (its
+    LCMScheduler timesteps) is that grid, and a flow transformer's, whose scheduler keeps its own grid, is refused."""
+    from diffusers import SCMScheduler
+
+    from fewstep.export import pipeline_call
+
+    sch = VPSchedule.from_betas(**SD)
+    loss, _, _ = _loss_and_models(intermediate_t=intermediate)
+    settings = {"solver": "renoise", "spacing": "trigflow", "steps": 2, **loss.sampler_settings()}
+    grid = sampler_grid(sch, settings)
+    scm = SCMScheduler(sigma_data=0.5)
+    scm.set_timesteps(2, intermediate_timesteps=intermediate)
+    expected = native_time(sch, scm.timesteps[1:2].double(), 0.5).round()
+    assert grid.tolist() == [999.0, float(expected), sch.t_clean]
+    kwargs, _ = pipeline_call({"sampler": settings}, 2, "sd", sch)
+    assert kwargs["timesteps"] == [999, int(expected)]
+    assert pipeline_call({"sampler": settings}, 1, "sd", sch)[0]["timesteps"] == [999]
+    none, why = pipeline_call({"sampler": settings}, 2, "sd3", FlowSchedule())
+    assert none is None and "TrigFlow grid at 2 steps" in why
+    with pytest.raises(FewstepError, match=r"intermediate_t must lie in \(0, pi/2\)"):
+        _loss_and_models(intermediate_t=1.6)
+
+
 def test_trigflow_grid():
     assert trigflow_timesteps(VPSchedule.from_betas(**SD), 1).tolist() == [999.0]
     ts = trigflow_timesteps(FlowSchedule(), 2)

@@ -88,7 +88,7 @@ def deployed_rows(gen, name: str, steps: int, batches: list[int], args: argparse
     from ..eval.latency import measure
     from ..export import pipeline_call
 
-    kwargs, why = pipeline_call(gen.meta, steps, gen.pipeline.family)
+    kwargs, why = pipeline_call(gen.meta, steps, gen.pipeline.family, gen.denoiser.schedule)
     if kwargs is None:
         return [{"model": name, "steps": steps, "skipped": why}]
     pipe = gen.pipeline.pipe

@@ -30,7 +30,7 @@ import torch.nn.functional as nnF
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from ..denoisers.trigflow import T_HAT_EDGE, TrigFlowView, trig_coefficients, trig_range
+from ..denoisers.trigflow import INTERMEDIATE_T_HAT, T_HAT_EDGE, TrigFlowView, trig_coefficients, trig_range
 from ..errors import FewstepError, check_choice
 from ..rng import SampleRNG
 from ..schedules import expand_as
@@ -125,6 +125,9 @@ class SCMLoss(DistillationLoss):
         guidance_min, guidance_max: the teacher's CFG weight range, diffusers' convention, drawn per sample;
             None: no guidance. A student with a guidance embedding receives w; one without learns the guided teacher.
         weight_features: Fourier features of the adaptive weight network (EDM2: 128).
+        intermediate_t: the two-step sampler's middle TrigFlow time (not used in training): diffusers'
+            SCMScheduler ``intermediate_timesteps`` (1.3, SANA-Sprint's); FastGen's CIFAR-10 sCD recommends
+            sigma 0.821, i.e. arctan(0.821 / 0.5) = 1.02 (fastgen/configs/experiments/EDM/config_scd_cifar10.py).
     """
 
     provided = ("weighting", "t_range")
@@ -134,12 +137,14 @@ class SCMLoss(DistillationLoss):
     def __init__(self, *, sigma_data: float = 0.5, p_mean: float = -1.0, p_std: float = 1.4,
                  tangent_warmup_steps: int = 10000, tangent_c: float = 0.1, tangent_norm: str = "rms",
                  prior_weighting: bool = True, guidance_min: float | None = None, guidance_max: float | None = None,
-                 weight_features: int = 128, weighting: AdaptiveWeight | None = None,
+                 weight_features: int = 128, intermediate_t: float = INTERMEDIATE_T_HAT, weighting: AdaptiveWeight | None = None,
                  t_range: tuple[float, float] = (T_HAT_EDGE, math.pi / 2 - T_HAT_EDGE)) -> None:
         super().__init__()
         if sigma_data <= 0 or p_std <= 0 or tangent_c < 0:
             raise FewstepError(f"sigma_data and p_std must be positive and tangent_c >= 0 (got {sigma_data}, {p_std}, "
                                f"{tangent_c})")
+        if not 0 < intermediate_t < math.pi / 2:
+            raise FewstepError(f"intermediate_t must lie in (0, pi/2), a TrigFlow time; got {intermediate_t}")
         if tangent_warmup_steps < 0:
             raise FewstepError(f"tangent_warmup_steps must be >= 0, got {tangent_warmup_steps}")
         if (guidance_min is None) != (guidance_max is None) or (guidance_min is not None and guidance_min > guidance_max):
@@ -149,6 +154,7 @@ class SCMLoss(DistillationLoss):
         self.tangent_norm = check_choice(tangent_norm, TANGENT_NORMS, "tangent_norm")
         self.prior_weighting = bool(prior_weighting)
         self.guidance = None if guidance_min is None else (float(guidance_min), float(guidance_max))
+        self.intermediate_t = float(intermediate_t)
         self.weighting = weighting if weighting is not None else AdaptiveWeight(weight_features, sigma_data)
         self.t_range = (float(t_range[0]), float(t_range[1]))
         self.register_buffer("iteration", torch.zeros((), dtype=torch.int64), persistent=False)
@@ -168,8 +174,9 @@ class SCMLoss(DistillationLoss):
         return ("student", "weighting")  # (theta, phi) updated together (Algorithm 1)
 
     def sampler_settings(self) -> dict[str, Any]:
-        """The TrigFlow grid's sigma_d (``spacing: trigflow``: t = pi/2 clipped to the schedule, 1.3 for two steps)."""
-        return {"sigma_data": self.sigma_data}
+        """The TrigFlow grid's sigma_d and two-step middle time (``spacing: trigflow``: t = pi/2 clipped to the
+        schedule, then ``intermediate_t`` for two steps)."""
+        return {"sigma_data": self.sigma_data, "intermediate_t": self.intermediate_t}
 
     # ------------------------------------------------------------------ a step
     def draws(self, rng: SampleRNG, shape: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor | None]:
