@@ -12,7 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from fewstep.commands.bench import entries, measure_into, refuse_existing
+from fewstep.commands.bench import bench_arguments, entries, measure_into, refuse_existing
 from fewstep.commands.demo import FULL, final_dir, student_recipe, teacher_dir
 from fewstep.io import atomic_dir
 from fewstep.run import run_recipe
@@ -38,9 +38,8 @@ def main() -> None:
         result = run_recipe(recipe)
         print(f"{name}: {result.status} after {settings['updates']} updates, {time.process_time() - start:.1f} CPU s")
         students.append(f"{name}={final_dir(recipe, out, name)}")
-    bench = argparse.Namespace(teacher=str(teacher), teacher_steps="1,2", student=students, student_steps="1,2",
-                               num=settings["num"], seed=0, reference="digits", features=None, inception_weights=None,
-                               repeats=3, warmup=1, throughput_batch=64)
+    bench = bench_arguments(teacher=str(teacher), teacher_steps="1,2", student=students, student_steps="1,2",
+                            num=settings["num"], seed=0, reference="digits", repeats=3, warmup=1, throughput_batch=64)
     with atomic_dir(out / "report") as tmp:
         measure_into(bench, entries(bench), tmp)
     print((out / "report" / "report.md").read_text())

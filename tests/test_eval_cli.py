@@ -149,3 +149,20 @@ def test_bench_times_the_exported_pipeline_called_plainly(tmp_path, tiny_dirs, c
     expected = [(b, k, 1.0) for k in (1, 2) for b in (1, 2) for _ in range(1 + 1)]  # warm-up 1 + repeats 1
     assert sorted(calls) == sorted(expected)
     assert "## Deployed: the exported diffusers pipeline, called plainly" in (out / "report.md").read_text()
+
+
+def test_bench_arguments_for_in_process_callers_are_the_commands_defaults():
+    """The demo and benchmarks/digits_scm.py run bench in-process: their arguments come from the command's own parser
+    (an option added to `fewstep bench` reaches them with its default; the digits benchmark once broke on a missing
+    deploy_batches), the given values in place, and a misspelt name is refused with the valid ones."""
+    import argparse
+
+    from fewstep.commands.bench import add_parser, bench_arguments
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    cli = parser.parse_args(["bench", "--teacher", "T", "--out", "O", "--num", "7"])
+    ours = bench_arguments(teacher="T", out="O", num=7)
+    assert vars(ours) == vars(cli) and ours.deploy_batches == "1,8"
+    with pytest.raises(ValueError, match=r"unknown bench arguments \['nmu'\]; valid: .*'num'"):
+        bench_arguments(nmu=7)

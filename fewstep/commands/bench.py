@@ -36,6 +36,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def bench_arguments(**values) -> argparse.Namespace:
+    """`fewstep bench`'s arguments at their defaults with ``values`` in place of some, for code that runs it in-process
+    (the demo, benchmarks/digits_scm.py), so an option added to the command reaches them; an unknown name is refused."""
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["bench", "--teacher", "", "--out", ""])
+    unknown = sorted(set(values) - set(vars(args)))
+    if unknown:
+        raise ValueError(f"unknown bench arguments {unknown}; valid: {sorted(k for k in vars(args) if k != 'run')}")
+    vars(args).update(values)
+    return args
+
+
 def _steps(text: str) -> list[int]:
     try:
         steps = [int(s) for s in text.split(",")]

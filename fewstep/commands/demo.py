@@ -96,7 +96,7 @@ def final_dir(recipe, out: Path, name: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     from ..io import atomic_dir
     from ..run import run_recipe
-    from .bench import entries, measure_into, refuse_existing
+    from .bench import bench_arguments, entries, measure_into, refuse_existing
     from .distill import EXIT
 
     settings = dict(QUICK if args.quick else FULL)
@@ -121,9 +121,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"fewstep demo: {name} stopped ({result.status}); run the same command to resume")
             return EXIT[result.status]
     students = [f"{name}={final_dir(recipe, out, name)}" for name, recipe in recipes.items()]
-    bench = argparse.Namespace(teacher=str(teacher), teacher_steps="1,2,4,8,25", student=students, student_steps="1,2,4",
-                               num=settings["num"], seed=0, reference="digits", features=None, inception_weights=None,
-                               repeats=settings["repeats"], warmup=2, throughput_batch=64, deploy_batches="1,8")
+    bench = bench_arguments(teacher=str(teacher), teacher_steps="1,2,4,8,25", student=students, student_steps="1,2,4",
+                            num=settings["num"], seed=0, reference="digits", repeats=settings["repeats"], warmup=2,
+                            throughput_batch=64)
     # the report appears complete (table, plot, grids) or not at all: built beside, renamed at the end
     with atomic_dir(report) as tmp:
         measure_into(bench, entries(bench), tmp)
