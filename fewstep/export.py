@@ -242,9 +242,9 @@ def lora_usage(meta: dict[str, Any], schedule: Schedule | None = None) -> str:
     s = meta["sampler"]
     fused = "".join(f'pipe.load_lora_weights("{f}")\npipe.fuse_lora()\npipe.unload_lora_weights()\n'
                     for f in meta.get("base_loras", []))
-    kwargs, _ = pipeline_call(meta, s["steps"], meta.get("family", "sd"), schedule)
-    kwargs = kwargs or {"num_inference_steps": s["steps"], "guidance_scale": 1.0 if s.get("guidance") is None
-                        else s["guidance"]}
+    kwargs, why = pipeline_call(meta, s["steps"], meta.get("family", "sd"), schedule)
+    if kwargs is None:  # no pipeline call reproduces the sampler: say so rather than print one that does not
+        return f"Load it with `{meta['pipeline_class']}` and `load_lora_weights`; no plain pipeline call samples it: {why}.\n"
     guidance = kwargs.pop("guidance_scale")
     steps = ", ".join(f"{k}={v}" for k, v in kwargs.items())
     return f"""```python

@@ -254,6 +254,14 @@ def test_the_two_step_middle_time_is_scmschedulers_intermediate_timesteps(interm
     assert none is None and "TrigFlow grid at 2 steps" in why
     with pytest.raises(FewstepError, match=r"intermediate_t must lie in \(0, pi/2\)"):
         _loss_and_models(intermediate_t=1.6)
+    # a LoRA student's model card: SD's call carries the grid; a flow transformer's says why there is none
+    from fewstep.export import lora_usage
+
+    meta = {"sampler": settings, "base": "BASE", "scheduler": "LCMScheduler", "pipeline_class": "StableDiffusionPipeline",
+            "family": "sd"}
+    assert f"timesteps=[999, {int(expected)}]" in lora_usage(meta, sch)
+    card = lora_usage({**meta, "family": "sd3", "pipeline_class": "StableDiffusion3Pipeline"}, FlowSchedule())
+    assert "num_inference_steps" not in card and "TrigFlow grid at 2 steps" in card
 
 
 def test_trigflow_grid():
