@@ -15,7 +15,7 @@ from fewstep.denoisers.trigflow import TrigFlowView, consistency_from_F, native_
 from fewstep.errors import FewstepError
 from fewstep.losses import SCMLoss
 from fewstep.losses.base import Models
-from fewstep.losses.scm import jvp, normalize_tangent, scm_tangent
+from fewstep.losses.scm import has_group_norm, jvp, normalize_tangent, scm_tangent
 from fewstep.run import run_recipe
 from fewstep.sampling import sampler_grid, sampler_solver
 from fewstep.schedules import FlowSchedule, VPSchedule
@@ -97,6 +97,19 @@ def test_jvp_of_the_mlp_view_equals_a_central_difference(kind):
     x, t = torch.randn(6, 2, dtype=torch.float64), torch.linspace(0.2, 1.45, 6, dtype=torch.float64)
     vx, vt = torch.randn_like(x), torch.ones_like(t)
     assert _jvp_vs_central_difference(lambda a, b: view.F(a, b), x, t, vx, vt, 1e-6) < 1e-3
+
+
+def test_group_norm_guard_only_where_a_group_norm_is():
+    """SCMLoss skips the contiguous-group_norm guard for a network without GroupNorm (the MLP; the tangent is the
+    same with and without it) and keeps it for the UNet, whose forward-mode group_norm needs it."""
+    den = _mlp(SCHEDULES["vp"]())
+    assert not has_group_norm(den) and has_group_norm(UNetDenoiser(tiny_unet2d(), VPSchedule.from_betas(**SD), "epsilon"))
+    view = TrigFlowView(den, 0.5)
+    x, t = torch.randn(6, 2, dtype=torch.float64), torch.linspace(0.2, 1.45, 6, dtype=torch.float64)
+    v = (torch.randn_like(x), torch.ones_like(t))
+    on = jvp(lambda a, b: view.F(a, b), (x, t), v, contiguous_group_norm=True)
+    off = jvp(lambda a, b: view.F(a, b), (x, t), v, contiguous_group_norm=False)
+    assert torch.allclose(on[0], off[0], rtol=1e-12, atol=0) and torch.allclose(on[1], off[1], rtol=1e-10, atol=1e-12)
 
 
 def test_jvp_of_the_tiny_unet_view_equals_a_central_difference():

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
 import torch
@@ -49,22 +49,31 @@ class _ContiguousGroupNorm(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def has_group_norm(network: nn.Module) -> bool:
+    """Whether ``network`` holds a GroupNorm, i.e. needs the contiguous-input guard under forward-mode AD."""
+    return any(isinstance(m, nn.GroupNorm) for m in network.modules())
+
+
 @contextmanager
-def forward_ad_safe() -> Iterator[None]:
-    """The math attention backend (the only one with a forward derivative) and contiguous group_norm inputs."""
+def forward_ad_safe(contiguous_group_norm: bool = True) -> Iterator[None]:
+    """The math attention backend (the only one with a forward derivative) and, if asked, contiguous group_norm
+    inputs. The guard is a TorchFunctionMode, which sees every torch call: on the ring's MLP it costs 5-7% of
+    the JVP (benchmarks/scm_jvp_cost.py), so a network without GroupNorm goes without it."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel(SDPBackend.MATH), _ContiguousGroupNorm():
+    with sdpa_kernel(SDPBackend.MATH), (_ContiguousGroupNorm() if contiguous_group_norm else nullcontext()):
         yield
 
 
 def jvp(fn: Callable[[Tensor, Tensor], Tensor], primals: tuple[Tensor, Tensor],
-        tangents: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """(fn(x, t), d/de fn(x + e v_x, t + e v_t) at e = 0) by forward-mode AD, without gradients to parameters."""
+        tangents: tuple[Tensor, Tensor], *, contiguous_group_norm: bool = True) -> tuple[Tensor, Tensor]:
+    """(fn(x, t), d/de fn(x + e v_x, t + e v_t) at e = 0) by forward-mode AD, without gradients to parameters;
+    ``contiguous_group_norm=False`` skips the group_norm guard (for a network without GroupNorm: ``has_group_norm``)."""
     device = primals[0].device.type
     # outside autocast: autocast casts a dual tensor's weights but not its tangent ("input type float, weight type
     # bfloat16" on CPU), so the JVP runs in the inputs' precision
-    with torch.no_grad(), torch.autocast(device, enabled=False), fwAD.dual_level(), forward_ad_safe():
+    with (torch.no_grad(), torch.autocast(device, enabled=False), fwAD.dual_level(),
+          forward_ad_safe(contiguous_group_norm)):
         out = fn(*(fwAD.make_dual(p, v.to(p.dtype)) for p, v in zip(primals, tangents)))
         primal, tangent = fwAD.unpack_dual(out)
     if tangent is None:  # fn does not depend on its inputs
@@ -207,7 +216,8 @@ class SCMLoss(DistillationLoss):
             return view.F(x, tt, cond, guidance=gs)
 
         scale = (torch.cos(t) * torch.sin(t)).float()
-        F_minus, F_jvp = jvp(F_of, (x_t, t), (expand_as(scale, x_t) * dxt_dt, scale.double()))
+        F_minus, F_jvp = jvp(F_of, (x_t, t), (expand_as(scale, x_t) * dxt_dt, scale.double()),
+                             contiguous_group_norm=has_group_norm(student))
         r = self.warmup_ratio()
         g = normalize_tangent(scm_tangent(F_minus, F_jvp, x_t, dxt_dt, t, self.sigma_data, r), self.c, self.tangent_norm)
         F_theta = F_of(x_t, t)
