@@ -19,6 +19,23 @@ def test_dry_run_reports_parameters_and_memory(capsys, tmp_path):
     assert "memory estimate" in out and not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("name", ["sd15_lcm", "sd15_scm"])
+def test_dry_run_of_a_guidance_embedding_student(name, tiny_dirs, captioned_dir, capsys, tmp_path):
+    """student.guidance_embedding on --dry-run's weightless (meta) teacher: the widened copy stays weightless (it
+    loaded the meta weights into a real UNet and crashed); it counts the teacher's parameters plus cond_proj's."""
+    over = [f"teacher.path={tiny_dirs['sd']}", f"data.root={captioned_dir}", f"train.output_dir={tmp_path / 'x'}"]
+    assert main(["distill", name, "--dry-run", *over]) == 0
+    out = capsys.readouterr().out
+    count = {k: int(a.replace(",", "")) + int(b.replace(",", ""))
+             for k, a, b in re.findall(r"(student|teacher): ([\d,]+) trainable, ([\d,]+) frozen", out)}
+    dim = load_recipe(name).raw["student"]["guidance_embedding"]
+    from diffusers import UNet2DConditionModel
+
+    width = UNet2DConditionModel.load_config(tiny_dirs["sd"] / "unet")["block_out_channels"][0]
+    assert count["student"] == count["teacher"] + dim * width  # cond_proj: Linear(dim, width, bias=False)
+    assert not (tmp_path / "x").exists()
+
+
 def test_every_loss_keeps_its_defaults_once_in_its_signature():
     """``settings()`` is ``__init__``'s defaults (minus what from_models supplies): the builder, the checks and
     the loss read the same numbers; a supplied network is not a recipe key."""

@@ -3,6 +3,7 @@ fewstep final/ directories, copies of the teacher, and the analytic mixture."""
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,8 +70,10 @@ def with_guidance_embedding(unet, dim: int):
         raise FewstepError(f"student.guidance_embedding needs a UNet2DConditionModel (SD, SDXL); got {type(unet).__name__}")
     if unet.config.time_cond_proj_dim is not None:
         return unet
-    new = UNet2DConditionModel.from_config({**unet.config, "time_cond_proj_dim": int(dim)}).to(unet.dtype)
-    missing, unexpected = new.load_state_dict(unet.state_dict(), strict=False)
+    meta = any(p.is_meta for p in unet.parameters())  # --dry-run's weightless teacher: the copy stays weightless
+    with torch.device("meta") if meta else nullcontext():
+        new = UNet2DConditionModel.from_config({**unet.config, "time_cond_proj_dim": int(dim)}).to(unet.dtype)
+    missing, unexpected = new.load_state_dict(unet.state_dict(), strict=False, assign=meta)
     if unexpected or any(not k.startswith("time_embedding.cond_proj") for k in missing):
         raise FewstepError(f"cannot add a guidance embedding to this UNet (missing {missing[:3]}, unexpected {unexpected[:3]})")
     torch.nn.init.zeros_(new.time_embedding.cond_proj.weight)
