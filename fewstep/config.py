@@ -68,6 +68,8 @@ class LoraSection:
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     dropout: float = 0.0
     init: str = "gaussian"  # gaussian | default (kaiming) | pissa | olora ... (peft's init_lora_weights)
+    base_dtype: str | None = None  # float16 | bfloat16 | float32: the frozen base's storage (None: the network's
+    #                                own dtype); adapters stay float32
 
 
 @dataclass
@@ -314,6 +316,8 @@ def validate(raw: dict[str, Any]) -> Recipe:
     if student.kind == "none":
         raise FewstepError(f"student.kind must name a network; valid: {', '.join(k for k in MODEL_KINDS if k not in ('none', 'mixture'))}")
     lora = None if raw.get("lora") is None else build_section(LoraSection, raw.get("lora"), "lora")
+    if lora is not None and lora.base_dtype is not None:
+        check_choice(lora.base_dtype, DTYPES, "lora.base_dtype")
     evaluation = None if raw.get("evaluation") is None else build_section(EvalSection, raw.get("evaluation"), "evaluation")
     optimizers = raw.get("optimizers") or {}
     if not isinstance(optimizers, dict):

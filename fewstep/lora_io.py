@@ -99,7 +99,10 @@ def merged_network(net: nn.Module) -> nn.Module:
     """A plain copy of ``net`` (same class, no peft layers) with every LoRA adapter merged into its weights."""
     from peft.tuners.lora import LoraLayer
 
-    work = copy.deepcopy(net)
+    # at the adapters' precision: a base stored in a half dtype (lora.base_dtype) is widened first, so the merge does
+    # not round the adapters' update to it, and the export keeps the precision training ran the adapters in
+    dtype = next((p.dtype for n, p in net.named_parameters() if "lora_" in n), next(net.parameters()).dtype)
+    work = copy.deepcopy(net).to(dtype)
     for m in work.modules():
         if isinstance(m, LoraLayer):
             m.merge()
@@ -110,7 +113,6 @@ def merged_network(net: nn.Module) -> nn.Module:
         state[k.replace(".base_layer.", ".")] = v
     plain = type(net).from_config(net.config) if hasattr(type(net), "from_config") else type(net)(**net.config)
     plain.load_state_dict(state, strict=True)
-    dtype = next(net.parameters()).dtype
     return plain if next(plain.parameters()).dtype == dtype else plain.to(dtype)
 
 

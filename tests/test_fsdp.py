@@ -105,7 +105,7 @@ def test_fsdp_auxiliary_networks_two_processes_match_one(recipe, stage, networks
         two = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in two.items()}
         assert max_diff(two, one) < 1e-5
 
-def _sd_consistency(tmp_path, tiny_sd, images, lora: bool):
+def _sd_consistency(tmp_path, tiny_sd, images, lora: bool, base_dtype: str | None = None):
     """A consistency-distillation recipe file on the tiny SD pipeline: full (student and its EMA target copy both
     sharded) or LoRA (adapters trained, the frozen base sharded, the online student as target). SGD: AdamW's first
     steps move a weight by about lr whatever the size of its gradient, so gradients that differ by rounding alone
@@ -121,7 +121,7 @@ def _sd_consistency(tmp_path, tiny_sd, images, lora: bool):
            "sample": {"solver": "consistency", "spacing": "lcm", "steps": 1, "num": 1},
            "train": {"max_steps": 2, "batch_size": 4, "sample_every": 0, "ema_decay": 0.9}}
     if lora:
-        raw["lora"] = LORA
+        raw["lora"] = {**LORA, **({"base_dtype": base_dtype} if base_dtype else {})}
     path = tmp_path / ("sd_lora.yaml" if lora else "sd_full.yaml")
     path.write_text(yaml.safe_dump(raw))
     return str(path)
@@ -164,6 +164,21 @@ def test_fsdp_sd_export_equals_one_process_and_loads_in_plain_diffusers(lora, tm
         pipe.set_progress_bar_config(disable=True)
         plain = lambda: _one_step(pipe)  # noqa: E731
     assert torch.allclose(plain(), ours, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_lora_with_a_bfloat16_base_equals_one_process(tmp_path, tiny_dirs, captioned_dir):
+    """lora.base_dtype: bfloat16 under fsdp: the frozen bfloat16 base and the float32 adapters in the same FSDP units
+    (FSDP2 asks a uniform dtype of the trainable parameters only); the adapters after two steps equal a 1-process
+    run's to 1e-3 (both compute in bfloat16, on batches of 2 and 4)."""
+    recipe = _sd_consistency(tmp_path, tiny_dirs["sd"], captioned_dir, True, "bfloat16")
+    out = torchrun(["distill", recipe, *QUIET, "train.parallel=fsdp", "train.fsdp_teacher=replicate",
+                    f"train.output_dir={tmp_path / 'two'}"])
+    assert_sharded(out)
+    assert main(["distill", recipe, *QUIET, f"train.output_dir={tmp_path / 'one'}"]) == 0
+    two, one = (load_file(tmp_path / run / "final" / "pytorch_lora_weights.safetensors") for run in ("two", "one"))
+    assert all(v.dtype.is_floating_point and v.element_size() == 4 for v in two.values())
+    assert max_diff(two, one) < 1e-3
 
 
 @pytest.mark.slow

@@ -4,14 +4,15 @@ import pytest
 import torch
 
 from fewstep.config import validate
+from fewstep.errors import FewstepError
 
 PROMPT = "a red bicycle"
 LORA = {"rank": 4, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"], "init": "default"}
 
 
-def _recipe(tmp_path, tiny_sd, captioned_dir, loss, pairs_made=True):
+def _recipe(tmp_path, tiny_sd, captioned_dir, loss, pairs_made=True, **lora):
     raw = {"name": f"lora_{loss}", "teacher": {"kind": "pipeline", "path": str(tiny_sd)},
-           "student": {"kind": "pipeline", "init": "teacher"}, "lora": LORA,
+           "student": {"kind": "pipeline", "init": "teacher"}, "lora": {**LORA, **lora},
            "optimizer": {"name": "AdamW", "lr": 1e-2},
            "train": {"output_dir": str(tmp_path / "run"), "max_steps": 3, "batch_size": 2, "progress": False,
                      "sample_every": 0}}
@@ -111,6 +112,54 @@ def test_lora_run_trains_only_adapters_and_loads_in_plain_diffusers(loss, tmp_pa
     # fewstep's own loader (base + LoRA, fused) samples the same
     again = Generator.load(str(final))(1, seed=0, prompts=[PROMPT])
     assert torch.allclose(again, image, atol=1e-5)
+
+
+def test_lora_base_dtype_stores_the_frozen_base_in_half_and_trains_as_the_float32_base_does(tmp_path, tiny_dirs,
+                                                                                              captioned_dir, capsys):
+    """lora.base_dtype: bfloat16 keeps the student's frozen base in bfloat16 (bit-identical through training) and its
+    adapters in float32; three AdamW steps move the adapters as the float32 base's run does (cosine > 0.9; 0.97
+    measured); the exported
+    file holds the float32 adapters; --dry-run's estimate drops by exactly 2 bytes per frozen parameter."""
+    import re
+
+    from safetensors.torch import load_file
+
+    from fewstep.cli import main
+    from fewstep.run import build_loop
+
+    deltas = {}
+    for dtype in (None, "bfloat16"):
+        out = tmp_path / str(dtype)
+        recipe = _recipe(out, tiny_dirs["sd"], captioned_dir, "consistency", **({"base_dtype": dtype} if dtype else {}))
+        loop = build_loop(recipe, log=lambda m: None)
+        net = loop.student.net
+        params = dict(net.named_parameters())
+        base = {n: p.detach().clone() for n, p in params.items() if "lora_" not in n}
+        before = {n: p.detach().clone() for n, p in params.items() if "lora_" in n}
+        want = torch.bfloat16 if dtype else torch.float32
+        assert all(p.dtype == want and not params[n].requires_grad for n, p in base.items())
+        assert all(p.dtype == torch.float32 and params[n].requires_grad for n, p in before.items())
+        assert loop.run().status == "finished"
+        assert all(torch.equal(params[n], p) for n, p in base.items())
+        deltas[dtype] = torch.cat([(params[n].detach() - p).flatten() for n, p in before.items()])
+        state = load_file(out / "run" / "final" / "pytorch_lora_weights.safetensors")
+        assert state and all(v.dtype == torch.float32 for v in state.values())
+    a, b = deltas[None], deltas["bfloat16"]  # Adam's first steps are near lr * sign(g): bf16's rounding flips a few
+    assert float(b.norm()) > 0.5 * float(a.norm()) and float(torch.nn.functional.cosine_similarity(a, b, dim=0)) > 0.9
+
+    gib = {}
+    for dtype in ("float32", "bfloat16"):
+        over = [f"teacher.path={tiny_dirs['sd']}", f"data.root={captioned_dir}", "lora.rank=4",
+                f"lora.base_dtype={dtype}", f"train.output_dir={tmp_path / 'dry'}"]
+        assert main(["distill", "sd15_lcm", "--dry-run", *over]) == 0
+        text = capsys.readouterr().out
+        gib[dtype] = {m.group(1).strip(): float(m.group(2))
+                      for m in re.finditer(r"^  (.+?)\s+[\d,]+ trainable\s+([\d.]+) GiB", text, re.M)}
+        frozen = int(re.search(r"student: [\d,]+ trainable, ([\d,]+) frozen", text).group(1).replace(",", ""))
+    assert gib["float32"]["this run"] - gib["bfloat16"]["this run"] == pytest.approx(2 * frozen / 2**30, abs=2e-3)
+    assert gib["float32"]["full student instead of LoRA"] == gib["bfloat16"]["full student instead of LoRA"]
+    with pytest.raises(FewstepError, match="lora.base_dtype.*valid: float32, float16, bfloat16"):
+        _recipe(tmp_path, tiny_dirs["sd"], captioned_dir, "consistency", base_dtype="fp8")
 
 
 def test_lora_fuse_writes_a_full_pipeline_that_samples_the_same(tmp_path, tiny_dirs, captioned_dir, capsys):
@@ -263,3 +312,34 @@ def test_lora_adapters_start_from_the_run_seed_whatever_the_global_rng(tiny_dirs
     a, b, c = adapters(0, seed=7), adapters(123, seed=7), adapters(0, seed=8)
     assert a and all(torch.equal(a[n], b[n]) for n in a)
     assert all(not torch.equal(a[n], c[n]) for n in a)  # the seed does decide them
+
+
+def test_a_merged_export_of_a_half_precision_base_is_written_at_the_adapters_precision():
+    """merged_network on a LoRA MLP whose base is stored in bfloat16 (lora.base_dtype): a float32 network equal to the
+    adapter-carrying one widened to float32 (the bfloat16 base values, the float32 adapters), not one rounded to
+    bfloat16 after the merge."""
+    import copy
+
+    from fewstep.build.models import cast_frozen
+    from fewstep.denoisers import MLPNet
+    from fewstep.lora import inject_lora
+    from fewstep.lora_io import merged_network
+
+    torch.manual_seed(0)
+    net = MLPNet(dim=2, hidden=32, depth=2)
+    inject_lora(net, rank=4, alpha=None, target_modules=["blocks.0.1", "blocks.1.1"], init="default")
+    for n, p in net.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    cast_frozen(net, "bfloat16")
+    merged = merged_network(net)
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    x, c = torch.randn(16, 2), torch.randn(16)
+    wide = copy.deepcopy(net).float()
+    wide.freqs.copy_(merged.freqs)  # a non-persistent buffer: the export rebuilds it exactly, not from its bf16 copy
+    with torch.no_grad():
+        want = wide(x, c)
+        got = merged(x, c)
+        rounded = merged_network(copy.deepcopy(wide).to(torch.bfloat16)).float()(x, c)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert (rounded - want).abs().max() > 1e-3  # merging at bfloat16 would have rounded the update away

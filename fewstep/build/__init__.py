@@ -24,7 +24,7 @@ from ..schedules import Schedule
 from .checks import check_pairs, check_recipe
 from .data import DATA, build_data, make_prepare, table_prompts
 from .loss import build_loss, check_data
-from .models import LoadedModel, build_model, cast_teacher, sample_shape
+from .models import LoadedModel, build_model, cast_frozen, cast_teacher, sample_shape
 from .optim import PhaseOptimizer, build_optimizers
 from .pairs import pairs_job
 from .resolve import split_named
@@ -67,6 +67,8 @@ def build_student(recipe: Recipe, schedule: Schedule, teacher: LoadedModel,
         lo = recipe.lora
         inject_lora(net, rank=lo.rank, alpha=lo.alpha, target_modules=lo.target_modules, dropout=lo.dropout, init=lo.init,
                     seed=tr.seed)
+        if lo.base_dtype is not None:  # the frozen base's storage (diffusers' LoRA scripts: weight_dtype)
+            cast_frozen(net, lo.base_dtype)
     if tr.gradient_checkpointing:
         if not getattr(net, "_supports_gradient_checkpointing", False):
             raise FewstepError(f"train.gradient_checkpointing: {type(net).__name__} does not support it; set it to false")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..config import ModelSection, check_kwargs
 from ..denoisers import Denoiser, MixtureDenoiser, MLPDenoiser, MLPNet, UNetDenoiser
@@ -131,19 +131,26 @@ def build_model(spec: ModelSection, key: str, schedule: Schedule, *, teacher: Lo
     return LoadedModel(wrap_denoiser(net, spec.kind, schedule, spec.prediction_type or "epsilon", spec), spec.kind)
 
 
+def cast_frozen(net: nn.Module, dtype: str) -> None:
+    """Store ``net``'s weights and floating buffers in ``dtype`` (a name of config.DTYPES), all but its LoRA
+    adapters, which train and stay float32 (diffusers' LoRA scripts: the frozen UNet in weight_dtype,
+    cast_training_params for the adapters)."""
+    to = getattr(torch, dtype)
+    for n, p in net.named_parameters():
+        if "lora_" not in n and p.dtype != to:
+            p.data = p.data.to(to)
+    for b in net.buffers():
+        if b.is_floating_point() and b.dtype != to:
+            b.data = b.data.to(to)
+
+
 def cast_teacher(teacher: LoadedModel, dtype: str) -> None:
     """Cast a teacher network to ``train.teacher_dtype``; LoRA adapters on it (a ``teacher_lora`` fake score)
     stay float32, as they train."""
     den = teacher.denoiser
     if den is None or not hasattr(den, "net"):
         return
-    to = getattr(torch, dtype)  # a name of config.DTYPES
-    for n, p in den.net.named_parameters():
-        if "lora_" not in n and p.dtype != to:
-            p.data = p.data.to(to)
-    for b in den.net.buffers():
-        if b.is_floating_point() and b.dtype != to:
-            b.data = b.data.to(to)
+    cast_frozen(den.net, dtype)
 
 
 def sample_shape(model: LoadedModel) -> tuple[int, ...]:

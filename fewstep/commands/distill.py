@@ -80,6 +80,8 @@ def _estimate(recipe, stage_outputs: dict, processes: int) -> None:
     student_delta = None  # (trainable, bytes) a LoRA student instead of a full one changes
     if recipe.lora is not None:  # the same run training the whole student: its base weights (already counted once)
         delta = (s_frozen - s_train) * (per_trained + (4 if ema else 0)) - s_train * 4  # adapters' own weights go
+        # a base stored in lora.base_dtype trains in float32 as a full student
+        delta += sum(p.numel() * (4 - p.element_size()) for p in student.parameters() if not p.requires_grad)
         rows.append(("full student instead of LoRA", here.trainable - s_train + s_frozen, here.bytes + delta))
     else:
         rank = 64
