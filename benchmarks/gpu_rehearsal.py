@@ -8,7 +8,8 @@ medium without its T5 encoder: no tokenizer files offline, and diffusers runs SD
 [dev] at 11.9B with T5-XXL, its tokenizer fewstep's small Unigram one), saved in float16 (FLUX.1: bfloat16, as it
 ships) under /dev/shm, and every recipe runs against them with its own batch, dtypes and resolution. flux_dmd itself (12B student and fake score:
 378 GiB before activations) needs FSDP over 8 GPUs; one GPU rehearses flux_dmd@lora, LoRA student and fake score
-(72 GiB before activations), the variant --dry-run says fits. Without
+(72 GiB before activations), the variant --dry-run says fits, and the same with the LoRA student's frozen base in
+bfloat16 (lora.base_dtype: 49 GiB); sdxl_lcm_lora@bf16_base times and sizes SDXL's LCM-LoRA that way. Without
 CUDA (or with --tiny): the same code on the test suite's tiny pipelines at batch 2, to check the script.
 
 Each stage: pairs stages make one batch of pairs with the recipe's solver and steps (pairs/s); training stages
@@ -74,7 +75,11 @@ EXTRA = [("sd15_dmd@4steps", "sd15_dmd", ["loss.steps=4", "sample.steps=4"]),
          ("sd15_lcm@compile", "sd15_lcm", ["train.compile=true"]),
          ("sdxl_lcm_lora@compile", "sdxl_lcm_lora", ["train.compile=true"]),
          ("flux_dmd@lora", "flux_dmd", ["lora.rank=64", "lora.alpha=64", "loss.fake_init=teacher_lora",
-                                        "train.parallel=ddp"])]
+                                        "train.parallel=ddp"]),
+         # the LoRA student's frozen base in bfloat16 (--dry-run: 48.9 GiB against 71.1 before activations)
+         ("flux_dmd@lora_bf16_base", "flux_dmd", ["lora.rank=64", "lora.alpha=64", "loss.fake_init=teacher_lora",
+                                                  "train.parallel=ddp", "lora.base_dtype=bfloat16"]),
+         ("sdxl_lcm_lora@bf16_base", "sdxl_lcm_lora", ["lora.base_dtype=bfloat16"])]
 #: recipes one GPU cannot hold (reported, not run)
 TOO_BIG = {"flux_dmd": "12B student and fake score with AdamW: 378 GiB before activations; FSDP over 8 GPUs"}
 
