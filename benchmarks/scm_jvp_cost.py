@@ -22,11 +22,12 @@ import torch
 from fewstep.data.mixtures import make_mixture
 from fewstep.denoisers import MixtureDenoiser, MLPDenoiser
 from fewstep.denoisers.mlp import MLPNet
-from fewstep.denoisers.trigflow import TrigFlowView, trig_coefficients, trig_range
+from fewstep.denoisers.trigflow import TrigFlowView, trig_coefficients
 from fewstep.eval.latency import interleaved
 from fewstep.losses.base import Models
 from fewstep.losses.consistency import ConsistencyDistillationLoss
 from fewstep.losses.scm import SCMLoss, has_group_norm, jvp
+from fewstep.rng import SampleRNG
 from fewstep.schedules import VPSchedule, expand_as
 
 
@@ -45,9 +46,9 @@ def main() -> None:
     lcm = ConsistencyDistillationLoss.from_models(models, num_timesteps=50, solver="ddim", target="ema",
                                                   target_decay=0.95, distance="l2")  # gmm_cd's loss
     B = args.batch
-    t = torch.atan(torch.exp(-1.0 + 1.4 * torch.randn(B, dtype=torch.float64)) / 0.5).clamp(*trig_range(schedule, 0.5))
-    cos, sin = trig_coefficients(t, torch.zeros(B, 2))
-    x_t = cos * mixture.sample(B, torch.Generator().manual_seed(1)) + sin * 0.5 * torch.randn(B, 2)
+    t, z, _ = loss.draws(SampleRNG(torch.arange(B) + B), (2,))  # the loss's own proposal times and noise
+    cos, sin = trig_coefficients(t, z)
+    x_t = cos * mixture.sample(B, torch.Generator().manual_seed(1)) + sin * z
     view = TrigFlowView(student, 0.5)
     F = lambda x, s: view.F(x, s)  # noqa: E731
     scale = torch.cos(t) * torch.sin(t)

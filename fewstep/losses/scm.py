@@ -57,7 +57,7 @@ def has_group_norm(network: nn.Module) -> bool:
 @contextmanager
 def forward_ad_safe(contiguous_group_norm: bool = True) -> Iterator[None]:
     """The math attention backend (the only one with a forward derivative) and, if asked, contiguous group_norm
-    inputs. The guard is a TorchFunctionMode, which sees every torch call: on the ring's MLP it costs 5-7% of
+    inputs. The guard is a TorchFunctionMode, which sees every torch call: on the ring's MLP it costs 5-9% of
     the JVP (benchmarks/scm_jvp_cost.py), so a network without GroupNorm goes without it."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
