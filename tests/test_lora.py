@@ -33,6 +33,14 @@ def _recipe(tmp_path, tiny_sd, captioned_dir, loss, pairs_made=True, **lora):
     return validate(raw)
 
 
+def _estimate_rows(text):
+    """--dry-run's memory-estimate rows: label -> GiB."""
+    import re
+
+    return {m.group(1).strip(): float(m.group(2))
+            for m in re.finditer(r"^  (.+?)\s+[\d,]+ trainable\s+([\d.]+) GiB", text, re.M)}
+
+
 def _plain_sample(final, base):
     """The LoRA in plain diffusers: base pipeline + load_lora_weights + the exported scheduler, seed-0 latents."""
     import diffusers
@@ -118,8 +126,8 @@ def test_lora_base_dtype_stores_the_frozen_base_in_half_and_trains_as_the_float3
                                                                                               captioned_dir, capsys):
     """lora.base_dtype: bfloat16 keeps the student's frozen base in bfloat16 (bit-identical through training) and its
     adapters in float32; three AdamW steps move the adapters as the float32 base's run does (cosine > 0.9; 0.97
-    measured); the exported
-    file holds the float32 adapters; --dry-run's estimate drops by exactly 2 bytes per frozen parameter."""
+    measured); the exported file holds the float32 adapters; --dry-run's estimate drops by exactly 2 bytes per frozen
+    parameter."""
     import re
 
     from safetensors.torch import load_file
@@ -153,8 +161,7 @@ def test_lora_base_dtype_stores_the_frozen_base_in_half_and_trains_as_the_float3
                 f"lora.base_dtype={dtype}", f"train.output_dir={tmp_path / 'dry'}"]
         assert main(["distill", "sd15_lcm", "--dry-run", *over]) == 0
         text = capsys.readouterr().out
-        gib[dtype] = {m.group(1).strip(): float(m.group(2))
-                      for m in re.finditer(r"^  (.+?)\s+[\d,]+ trainable\s+([\d.]+) GiB", text, re.M)}
+        gib[dtype] = _estimate_rows(text)
         frozen = int(re.search(r"student: [\d,]+ trainable, ([\d,]+) frozen", text).group(1).replace(",", ""))
     assert gib["float32"]["this run"] - gib["bfloat16"]["this run"] == pytest.approx(2 * frozen / 2**30, abs=2e-3)
     assert gib["float32"]["full student instead of LoRA"] == gib["bfloat16"]["full student instead of LoRA"]
@@ -190,8 +197,6 @@ def test_lora_fuse_writes_a_full_pipeline_that_samples_the_same(tmp_path, tiny_d
 
 
 def test_lora_parameter_count_matches_peft_and_dry_run_compares_full_and_lora(tiny_dirs, tmp_path, capsys):
-    import re
-
     from diffusers import UNet2DConditionModel
 
     from fewstep.cli import main
@@ -211,7 +216,7 @@ def test_lora_parameter_count_matches_peft_and_dry_run_compares_full_and_lora(ti
     over = [f"teacher.path={tiny_dirs['sd']}", "loss.fake_lora_rank=4", f"train.output_dir={tmp_path / 'x'}"]
     assert main(["distill", "sd15_dmd", "--dry-run", *over]) == 0
     out = capsys.readouterr().out
-    gib = {m.group(1).strip(): float(m.group(2)) for m in re.finditer(r"^  (.+?)\s+[\d,]+ trainable\s+([\d.]+) GiB", out, re.M)}
+    gib = _estimate_rows(out)
     assert gib["fake score as LoRA rank 4 on the teacher (fake_init: teacher_lora)"] < gib["this run"]
     assert gib["LoRA rank 64 student instead of full"] != gib["this run"] and not (tmp_path / "x").exists()
 
