@@ -8,12 +8,13 @@ from .fdivergence import FDivergenceLoss
 from .flow_distill import FlowDistillLoss
 from .ode_regression import ODERegressionLoss
 from .reflow import ReflowLoss
+from .rcm import RCMLoss
 from .scm import SCMLoss
 
 LOSSES: dict[str, type[DistillationLoss]] = {
     "diffusion": DiffusionLoss, "classifier": ClassifierLoss, "reflow": ReflowLoss, "flow_distill": FlowDistillLoss,
     "consistency": ConsistencyDistillationLoss, "fdistill": FDivergenceLoss, "ode_regression": ODERegressionLoss,
-    "scm": SCMLoss,
+    "scm": SCMLoss, "rcm": RCMLoss,
 }
 
 
@@ -23,5 +24,5 @@ def loss_class(name: str) -> type[DistillationLoss]:
 
 
 __all__ = ["ClassifierLoss", "ConsistencyDistillationLoss", "DiffusionLoss", "DistillationLoss", "FDivergenceLoss", "FlowDistillLoss", "LOSSES", "LossOutput", "Models",
-           "ODERegressionLoss", "ReflowLoss", "SCMLoss",
+           "ODERegressionLoss", "RCMLoss", "ReflowLoss", "SCMLoss",
            "loss_class"]

@@ -287,12 +287,12 @@ class FDivergenceLoss(DistillationLoss):
         with torch.set_grad_enabled(grad):
             return student(x_j, ts[j], cond)
 
-    def _teacher_as_itself(self, teacher):
+    def teacher_as_itself(self, teacher):
         """The teacher without the fake score's adapters (``teacher_lora``: they sit on its network)."""
         return adapters_off(teacher.net) if self.fake_shares_teacher else contextlib.nullcontext()
 
     def _disc(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
-        with self._teacher_as_itself(self.fake_score):
+        with self.teacher_as_itself(self.fake_score):
             return self.discriminator(x_t, t, cond)
 
     def _ratio(self, logits: Tensor, t: Tensor, T: int) -> Tensor:
@@ -340,7 +340,7 @@ class FDivergenceLoss(DistillationLoss):
         logs: dict[str, Any] = {}
         with torch.no_grad():
             guided = self.guidance if (cond is not None and teacher.null_cond is not None) else None
-            with self._teacher_as_itself(teacher):
+            with self.teacher_as_itself(teacher):
                 x0_real = teacher(x_t, t, cond, guidance=guided)
             x0_fake = self.fake_score(x_t, t, cond)
             h = None
