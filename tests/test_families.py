@@ -17,7 +17,7 @@ PROMPT = "a red bicycle"
 LORA = {"rank": 4, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"], "init": "default"}
 #: the size the tiny transformers run at (16 x 16 latents; FLUX.1: 64 tokens)
 SIZE = 32
-CELLS = ("reflow", "flow_distill", "lcm", "lcm_lora", "dmd", "dmd_lora", "dmd_gan", "scm")
+CELLS = ("reflow", "flow_distill", "lcm", "lcm_lora", "dmd", "dmd_lora", "dmd_gan", "scm", "rcm_lora")
 #: fixtures (fewstep.testing.tiny): sd35 loads as family sd3 (QK-norm, a dual-attention layer), flux_schnell as flux
 FAMILIES = ("sd", "sdxl", "sd3", "sd35", "flux", "flux_schnell")
 VP = ("sd", "sdxl")
@@ -57,9 +57,14 @@ def _recipe(tmp_path, family, base, captioned_dir, cell: str, *, pairs_made: boo
                    sample={"solver": "consistency", "steps": 2, "num": 1, "spacing": "lcm" if vp else None,
                            # FLUX.1 [dev]'s student takes w as an input: it samples at the w it trained at
                            "guidance": 2.0 if family == "flux" else None})
-    elif cell == "scm":  # continuous-time consistency (TrigFlow view, JVP through the student); SD: one and two
-        # steps (LCMScheduler called with the TrigFlow grid's timesteps), flow transformers: one (below)
-        raw.update(loss={"name": "scm", "guidance_min": 2.0, "guidance_max": 2.0, "tangent_warmup_steps": 1},
+    elif cell in ("scm", "rcm_lora"):  # continuous-time consistency (TrigFlow view, JVP through the student); SD: one
+        # and two steps (LCMScheduler called with the TrigFlow grid's timesteps), flow transformers: one (below)
+        scm = {"guidance_min": 2.0, "guidance_max": 2.0, "tangent_warmup_steps": 1}
+        loss = {"name": "scm", **scm}
+        if cell == "rcm_lora":  # rCM: sCM plus DMD on a LoRA student, the fake score as adapters on the teacher
+            loss = {"name": "rcm", "scm": scm, "dmd": {"guidance": 2.0, "fake_updates": 1, "fake_init": "teacher_lora",
+                                                      "fake_lora_rank": 4}}
+        raw.update(loss=loss,
                    data={"name": "images", "root": str(captioned_dir), "resolution": SIZE},
                    sample={"solver": "renoise", "spacing": "trigflow", "steps": 2 if family in VP else 1, "num": 1})
     else:  # DMD: reverse-KL f-distill on prompts; the fake score a copy (full) or adapters on the teacher (LoRA)
@@ -150,7 +155,7 @@ def test_every_loss_over_every_family_exports_what_fewstep_samples(family, cell,
     if family in VP:
         expected = "LCMScheduler"
     else:
-        expected = "FlowMatchLCMScheduler" if cell.startswith(("lcm", "dmd", "scm")) else "FlowMatchEulerDiscreteScheduler"
+        expected = "FlowMatchLCMScheduler" if cell.startswith(("lcm", "dmd", "scm", "rcm")) else "FlowMatchEulerDiscreteScheduler"
     assert type(pipe.scheduler).__name__ == expected
     if family == "flux":
         assert pipe.scheduler.config.use_dynamic_shifting  # the student keeps FLUX.1's resolution-dependent grid
