@@ -88,10 +88,12 @@ def test_fsdp_refuses_a_plain_run_directory(tmp_path, capsys):
 @pytest.mark.parametrize("recipe, stage, networks, extra", [
     ("gmm_fdistill", "fdistill", ("student", "fake_score", "discriminator"), ["loss.gan_weight=0.001"]),
     ("gmm_scm", "scm", ("student", "weighting"), []),
-], ids=["fdistill_gan", "scm"])
+    ("gmm_rcm", "rcm", ("student", "weighting", "fake_score"), []),
+], ids=["fdistill_gan", "scm", "rcm"])
 def test_fsdp_auxiliary_networks_two_processes_match_one(recipe, stage, networks, extra, tmp_path):
     """Every trained network sharded: f-distill with its GAN term (student, fake score, discriminator; two
-    fake-score steps and one generator step) and sCM (student through the JVP, the adaptive weighting) on 2 fsdp
+    fake-score steps and one generator step), sCM (student through the JVP, the adaptive weighting) and rCM (both
+    of those and a fake score; two fake-score steps and one student step) on 2 fsdp
     processes x 8 equal 1 plain process x 16 (1e-5) for each network, read from the sharded checkpoint."""
     common = [recipe, "train.max_steps=3", "train.batch_size=16", *extra, *QUIET]
     out = torchrun(["distill", *common, "train.parallel=fsdp", f"train.output_dir={tmp_path / 'two'}"])

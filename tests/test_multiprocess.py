@@ -121,6 +121,17 @@ def test_scm_two_processes_match_one(tmp_path):
     assert float(weights(tmp_path / "two" / "scm", 3, "module.weighting")["linear.bias"].abs()) > 0  # it trained
 
 
+@pytest.mark.slow
+def test_rcm_two_processes_match_one(tmp_path):
+    """rCM (sCM's JVP and adaptive weight, DMD's fake score in its own phase): six steps (two student updates) on 2
+    processes x 8 equal 1 x 16 for the student, the weighting and the fake score (1e-5)."""
+    common = ["gmm_rcm", "train.max_steps=6", "train.batch_size=16", *QUIET]
+    torchrun(["distill", *common, f"train.output_dir={tmp_path / 'two'}"])
+    assert main(["distill", *common, f"train.output_dir={tmp_path / 'one'}"]) == 0
+    for group in ("student", "module.weighting", "module.fake_score"):
+        assert max_diff(weights(tmp_path / "two" / "rcm", 6, group), weights(tmp_path / "one" / "rcm", 6, group)) < 1e-5
+
+
 def test_batch_that_does_not_split_is_refused(tmp_path):
     done = launch(["distill", "gmm_teacher", "train.batch_size=5", "train.max_steps=1", *QUIET,
                    f"train.output_dir={tmp_path / 'odd'}"])
