@@ -10,7 +10,8 @@ at proposal times of gmm_scm: each row is timed interleaved with the plain forwa
 - the same JVP by double backward (grad of a vector-Jacobian product; exact too, not used: it needs the graph);
 - one whole SCMLoss update (teacher velocity, JVP, student forward, adaptive weight, backward) and one of gmm_cd's
   LCM loss (its DDIM teacher step, the EMA target's forward, the student's forward and backward, the target update);
-and, timed against each other, the guard's saving (the two JVPs) and sCM's cost over LCM (the two updates).
+and, timed against each other, the guard's saving (the two JVPs), sCM's cost over LCM (the two updates) and rCM's
+(gmm_rcm: one cycle of two fake-score updates and one student update, sCM's and DMD's losses) over sCM's update.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from fewstep.denoisers.trigflow import TrigFlowView, trig_coefficients
 from fewstep.eval.latency import interleaved
 from fewstep.losses.base import Models
 from fewstep.losses.consistency import ConsistencyDistillationLoss
+from fewstep.losses.rcm import RCMLoss
 from fewstep.losses.scm import SCMLoss, has_group_norm, jvp
 from fewstep.rng import SampleRNG
 from fewstep.schedules import VPSchedule, expand_as
@@ -45,6 +47,7 @@ def main() -> None:
     loss = SCMLoss.from_models(models)
     lcm = ConsistencyDistillationLoss.from_models(models, num_timesteps=50, solver="ddim", target="ema",
                                                   target_decay=0.95, distance="l2")  # gmm_cd's loss
+    rcm = RCMLoss.from_models(models, dmd_weight=0.3, dmd={"fake_updates": 2, "fake_init": "student"})  # gmm_rcm's
     B = args.batch
     t, z, _ = loss.draws(SampleRNG(torch.arange(B) + B), (2,))  # the loss's own proposal times and noise
     cos, sin = trig_coefficients(t, z)
@@ -76,6 +79,13 @@ def main() -> None:
         objective("student", batch, student, teacher).loss.backward()
         objective.on_step_end("student", student)
 
+    def rcm_cycle() -> None:
+        for phase in rcm.cycle:
+            student.zero_grad(set_to_none=True)
+            rcm.zero_grad(set_to_none=True)
+            rcm(phase, batch, student, teacher).loss.backward()
+            rcm.on_step_end(phase, student)
+
     guarded = jvp(F, (x_t, t), tangents, contiguous_group_norm=True)[1]
     bare = jvp(F, (x_t, t), tangents, contiguous_group_norm=False)[1]
     print(f"ring MLP, batch {B}, {args.steps} interleaved calls per row; has_group_norm: {has_group_norm(student)}; "
@@ -97,6 +107,9 @@ def main() -> None:
     scm, cd = interleaved(lambda: update(loss), lambda: update(lcm), steps=3 * args.steps)
     print(f"sCM / LCM update (loss, backward, target EMA; no optimizer step), interleaved directly: "
           f"{statistics.median(scm) / statistics.median(cd):.3f}")
+    cycle, scm = interleaved(rcm_cycle, lambda: update(loss), steps=args.steps)
+    print(f"rCM cycle (2 fake-score updates + 1 student update) / sCM update, interleaved directly: "
+          f"{statistics.median(cycle) / statistics.median(scm):.3f}")
 
 
 if __name__ == "__main__":
