@@ -12,7 +12,7 @@ def test_config_errors_are_one_line_exit_2(capsys, tmp_path):
         (["validate", "gmm_teacher", "train.max_stepz=3"], "unknown key train.max_stepz; valid: train.output_dir"),
         (["validate", "gmm_teacher", "train.max_steps=ten"], "train.max_steps: expected an integer, got 'ten'"),
         (["validate", "gmm_teacher", "train.max_steps=-1"], "train.max_steps must be at least 1"),
-        (["validate", "gmm_teacher", "loss.name=reflowz"], "unknown loss 'reflowz'; valid: classifier, consistency, diffusion, fdistill, flow_distill, ode_regression, reflow"),
+        (["validate", "gmm_teacher", "loss.name=reflowz"], "unknown loss 'reflowz'; valid: classifier, consistency, diffusion, fdistill, flow_distill, ode_regression, rcm, reflow, scm"),
         (["validate", "gmm_teacher", "loss.cond_drop=0.1"], "unknown key loss.cond_drop; valid: loss.cond_drop_prob"),
         (["validate", "gmm_teacher", "optimizer.name=Adamw"], "unknown optimizer 'Adamw'; valid:"),
         (["validate", "gmm_teacher", "sample.solver=rk4"], "unknown sample.solver 'rk4'"),
