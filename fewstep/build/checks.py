@@ -26,10 +26,7 @@ def check_recipe(recipe: Recipe) -> None:
         raise FewstepError("missing section loss (with loss.name)")
     name, loss_kw = split_named(recipe.loss)
     cls = loss_class(name)
-    check_kwargs(cls, loss_kw, "loss", skip=cls.provided)
-    for key, valid in getattr(cls, "choices", {}).items():
-        if key in loss_kw:
-            check_choice(loss_kw[key], valid, key)
+    cls.checked_settings(loss_kw)
     cls.check(**loss_kw)
     if not recipe.data:
         raise FewstepError("missing section data (with data.name)")

@@ -14,7 +14,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..config import check_kwargs
 from ..denoisers import Denoiser
+from ..errors import check_choice
 
 
 @dataclass
@@ -77,6 +79,16 @@ class DistillationLoss(nn.Module):
         params = inspect.signature(cls.__init__).parameters
         return {**{n: p.default for n, p in params.items()
                    if p.default is not inspect.Parameter.empty and n not in cls.provided}, **kwargs}
+
+    @classmethod
+    def checked_settings(cls, settings: dict[str, Any], key: str = "loss", choice_prefix: str = "") -> dict[str, Any]:
+        """``settings`` coerced to ``__init__``'s types, an unknown key or name refused with the valid ones (``key``
+        names the section in the message, ``choice_prefix`` a name-valued setting)."""
+        out = check_kwargs(cls, dict(settings), key, skip=cls.provided)
+        for name, valid in cls.choices.items():
+            if name in out:
+                check_choice(out[name], valid, choice_prefix + name)
+        return out
 
     @classmethod
     def check(cls, **settings: Any) -> None:

@@ -23,8 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import check_kwargs
-from ..errors import FewstepError, check_choice
+from ..errors import FewstepError
 from ..rng import sample_seed
 from .base import DistillationLoss, LossOutput, Models
 from .fdivergence import FDivergenceLoss
@@ -32,15 +31,6 @@ from .scm import SCMLoss
 
 #: the seed stream the DMD term draws from (its own, so its noise is independent of sCM's)
 DMD_STREAM = 1
-
-
-def _checked(cls: type[DistillationLoss], settings: dict[str, Any] | None, key: str) -> dict[str, Any]:
-    """``settings`` of the composed loss ``cls`` (unknown keys and names refused, listing the valid ones)."""
-    out = check_kwargs(cls, dict(settings or {}), key, skip=cls.provided)
-    for name, valid in cls.choices.items():
-        if name in out:
-            check_choice(out[name], valid, f"{key}.{name}")
-    return out
 
 
 def _check_weight(dmd_weight: float) -> None:
@@ -61,9 +51,9 @@ class RCMLoss(DistillationLoss):
             trailing grid (or ``dmd.timesteps``), not on sCM's TrigFlow grid.
     """
 
-    phases = ("fake_score", "generator")
-    student_phase = "generator"
-    groups = ("weighting", "discriminator")
+    phases = FDivergenceLoss.phases
+    student_phase = FDivergenceLoss.student_phase
+    groups = (*SCMLoss.groups, *FDivergenceLoss.groups)
     provided = ("scm_loss", "dmd_loss")
 
     def __init__(self, *, dmd_weight: float = 1.0, scm: dict[str, Any] | None = None,
@@ -82,8 +72,8 @@ class RCMLoss(DistillationLoss):
     @classmethod
     def _parts(cls, **settings: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         s = cls.settings(**settings)
-        dmd = {"divergence": "reverse_kl", **_checked(FDivergenceLoss, s["dmd"], "loss.dmd")}
-        return _checked(SCMLoss, s["scm"], "loss.scm"), dmd
+        dmd = {"divergence": "reverse_kl", **FDivergenceLoss.checked_settings(s["dmd"] or {}, "loss.dmd", "loss.dmd.")}
+        return SCMLoss.checked_settings(s["scm"] or {}, "loss.scm", "loss.scm."), dmd
 
     @classmethod
     def check(cls, **settings: Any) -> None:
@@ -109,7 +99,7 @@ class RCMLoss(DistillationLoss):
                 **{n: f"dmd.{p}" for n, p in self.dmd.trains().items()}}
 
     def phase_modules(self, phase: str) -> tuple[str, ...]:
-        if phase == "generator":
+        if phase == self.student_phase:
             return self.scm.phase_modules(self.scm.student_phase)
         return self.dmd.phase_modules(phase)
 
@@ -125,17 +115,17 @@ class RCMLoss(DistillationLoss):
         own = {**batch, "seeds": torch.as_tensor([sample_seed(int(s), DMD_STREAM) for s in batch["seeds"]])}
         if phase == "fake_score":
             return self.dmd(phase, own, student, teacher)
-        if phase != "generator":
+        if phase != self.student_phase:
             raise FewstepError(f"unknown phase {phase!r}; valid: {', '.join(self.phases)}")
         with self.dmd.teacher_as_itself(teacher):  # a teacher_lora fake score's adapters sit on the teacher's network
             out_c = self.scm(self.scm.student_phase, batch, student, teacher)
-        out_d = self.dmd("generator", own, student, teacher)
+        out_d = self.dmd(self.dmd.student_phase, own, student, teacher)
         loss = out_c.loss + self.dmd_weight * out_d.loss
         logs = {f"scm_{k}": v for k, v in out_c.logs.items()} | {f"dmd_{k}": v for k, v in out_d.logs.items()}
         return LossOutput(loss, {**logs, "loss": loss.detach()})
 
     def on_step_end(self, phase: str, student) -> None:
-        if phase == "generator":
+        if phase == self.student_phase:
             self.scm.on_step_end(self.scm.student_phase, student)  # the tangent warm-up counts student updates
         self.dmd.on_step_end(phase, student)
 
