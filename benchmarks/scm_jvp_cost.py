@@ -7,6 +7,8 @@ at proposal times of gmm_scm: each row is timed interleaved with the plain forwa
 - forward and backward of F (what LCM's student pays per update);
 - the JVP by forward-mode AD (fewstep.losses.scm.jvp) with the group_norm guard (a TorchFunctionMode that sees every
   torch call) and without it (what SCMLoss runs for a network without GroupNorm, fewstep.losses.scm.has_group_norm);
+- the JVP through the native round trip (TrigFlowView.velocity: native time, the schedule's alpha and sigma, the
+  denoiser's x0), which F skips for this MLP (MLPDenoiser.trigflow_F), and the two timed against each other;
 - the same JVP by double backward (grad of a vector-Jacobian product; exact too, not used: it needs the graph);
 - one whole SCMLoss update (teacher velocity, JVP, student forward, adaptive weight, backward) and one of gmm_cd's
   LCM loss (its DDIM teacher step, the EMA target's forward, the student's forward and backward, the target update);
@@ -54,6 +56,7 @@ def main() -> None:
     x_t = cos * mixture.sample(B, torch.Generator().manual_seed(1)) + sin * z
     view = TrigFlowView(student, 0.5)
     F = lambda x, s: view.F(x, s)  # noqa: E731
+    F_round_trip = lambda x, s: view.velocity(x, s) / 0.5  # noqa: E731
     scale = torch.cos(t) * torch.sin(t)
     tangents = (expand_as(scale.float(), x_t) * torch.randn(B, 2), scale)
     batch = {"x0": mixture.sample(B, torch.Generator().manual_seed(2)), "seeds": torch.arange(B)}
@@ -94,6 +97,7 @@ def main() -> None:
     rows = [("forward and backward", forward_backward),
             ("JVP, group_norm guard on", lambda: jvp(F, (x_t, t), tangents, contiguous_group_norm=True)),
             ("JVP, guard off (SCMLoss here)", lambda: jvp(F, (x_t, t), tangents, contiguous_group_norm=False)),
+            ("JVP, native round trip", lambda: jvp(F_round_trip, (x_t, t), tangents, contiguous_group_norm=False)),
             ("JVP by double backward", double_backward),
             ("whole sCM update", lambda: update(loss)),
             ("whole LCM update (gmm_cd's loss)", lambda: update(lcm))]
@@ -104,6 +108,8 @@ def main() -> None:
         print(f"{name:<32} {c:>8.2f} {b:>11.2f} {c / b:>10.2f}")
     on, off = interleaved(rows[1][1], rows[2][1], steps=3 * args.steps)
     print(f"JVP guard off / on, interleaved directly: {statistics.median(off) / statistics.median(on):.3f}")
+    direct, round_trip = interleaved(rows[2][1], rows[3][1], steps=3 * args.steps)
+    print(f"JVP direct / native round trip, interleaved directly: {statistics.median(direct) / statistics.median(round_trip):.3f}")
     scm, cd = interleaved(lambda: update(loss), lambda: update(lcm), steps=3 * args.steps)
     print(f"sCM / LCM update (loss, backward, target EMA; no optimizer step), interleaved directly: "
           f"{statistics.median(scm) / statistics.median(cd):.3f}")

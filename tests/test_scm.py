@@ -83,6 +83,27 @@ def test_consistency_function_of_a_view_is_the_denoisers_x0():
     assert torch.allclose(f, den(x_t, t).double(), atol=1e-10)
 
 
+@pytest.mark.parametrize("precondition", ["edm", "trigflow"])
+def test_direct_trigflow_F_equals_the_native_round_trip(precondition):
+    """MLPDenoiser.trigflow_F (one network call) against F through the native point (to_native, the denoiser's x0,
+    velocity / sigma_d): the same values and the same JVP tangent, in float64, with class labels; no direct path
+    for another sigma_d or without preconditioning."""
+    torch.manual_seed(0)
+    den = MLPDenoiser(MLPNet(dim=2, hidden=32, depth=2, num_classes=3).double(), VPSchedule.from_betas(**SD),
+                      precondition=precondition, sigma_data=0.5)
+    view, cond = TrigFlowView(den, 0.5), {"class_labels": torch.tensor([0, 1, 2, 3, 1, 0])}
+    x, t = torch.randn(6, 2, dtype=torch.float64), torch.linspace(*trig_range(den.schedule, 0.5), 6, dtype=torch.float64)
+    direct = lambda a, b: view.F(a, b, cond)  # noqa: E731
+    round_trip = lambda a, b: view.velocity(a, b, cond) / 0.5  # noqa: E731
+    assert den.trigflow_F(x, t, 0.5, cond) is not None
+    torch.testing.assert_close(direct(x, t), round_trip(x, t), rtol=1e-10, atol=1e-10)
+    vx, vt = torch.randn_like(x), torch.rand_like(t)
+    (_, tan_direct), (_, tan_round) = jvp(direct, (x, t), (vx, vt)), jvp(round_trip, (x, t), (vx, vt))
+    torch.testing.assert_close(tan_direct, tan_round, rtol=1e-8, atol=1e-8)
+    assert den.trigflow_F(x, t, 0.4, cond) is None
+    assert MLPDenoiser(den.net, den.schedule).trigflow_F(x, t, 0.5, None) is None
+
+
 # ----------------------------------------------------------------------------- the tangent
 def _jvp_vs_central_difference(fn, x, t, vx, vt, h):
     _, tangent = jvp(fn, (x, t), (vx, vt))
@@ -176,8 +197,8 @@ def test_one_step_by_hand():
     x0 = make_mixture("ring").sample(8, torch.Generator().manual_seed(0))
     out = loss("student", {"x0": x0, "seeds": seeds}, student, teacher)
     g = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    tau = torch.stack([torch.randn((), generator=gi) for gi in g]).double() * 1.4 - 1.0
-    z = 0.5 * torch.stack([torch.randn(2, generator=gi) for gi in g])
+    e = torch.stack([torch.randn(3, generator=gi) for gi in g])  # one draw per sample: tau's, then z's
+    tau, z = e[:, 0].double() * 1.4 - 1.0, 0.5 * e[:, 1:]
     t = torch.atan(torch.exp(tau) / 0.5).clamp(*trig_range(student.schedule, 0.5))
     x_t = (torch.cos(t)[:, None] * x0 + torch.sin(t)[:, None] * z).double()
     v = TrigFlowView(teacher, 0.5).velocity(x_t, t)

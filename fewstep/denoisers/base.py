@@ -123,6 +123,12 @@ class Denoiser(nn.Module):
         """The network's raw output for a batch (any dtype); ``t`` is fewstep time, shape (B,)."""
         raise NotImplementedError
 
+    def trigflow_F(self, x_hat: Tensor, t_hat: Tensor, sigma_data: float, cond: Cond | None) -> Tensor | None:
+        """F(x_hat / sigma_d, t_hat) in TrigFlow coordinates (fewstep.denoisers.trigflow), unguided, computed directly
+        where the preconditioning is TrigFlow's up to a change of variables; None (here): the caller goes through
+        the native point instead (``TrigFlowView``), which gives the same value."""
+        return None
+
     # ------------------------------------------------------------------ public
     def batch_cond(self, batch: Mapping) -> dict | None:
         """The condition tensors of ``batch`` this denoiser takes (``cond_keys``), or None when there are none."""

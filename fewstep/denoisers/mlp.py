@@ -88,3 +88,17 @@ class MLPDenoiser(Denoiser):
             c_noise = s.reshape(-1).clamp_min(1e-8).log() / 4
         F = self.net(x_ve / (s * s + sd2).sqrt(), c_noise, labels)
         return sd2 / (s * s + sd2) * x_ve + s * self.sigma_data / (s * s + sd2).sqrt() * F
+
+    def trigflow_F(self, x_hat: Tensor, t_hat: Tensor, sigma_data: float, cond: Cond | None) -> Tensor | None:
+        """With edm or trigflow preconditioning at the view's sigma_d, s = sigma_d tan t_hat and x_ve = x_hat / cos t_hat
+        give c_in x_ve = x_hat / sigma_d and x0_hat = cos t_hat x_hat + sigma_d sin t_hat F_net, so TrigFlow's
+        F = (cos t_hat x_hat - x0_hat) / (sigma_d sin t_hat) = -F_net(x_hat / sigma_d, c_noise): one network call,
+        no native time (sCM's JVP skips the schedule's inverse: half its cost on the ring, benchmarks/scm_jvp_cost.py)."""
+        if self.precondition == "none" or float(sigma_data) != float(self.sigma_data) or self.takes_guidance:
+            return None
+        self.check_cond(cond)
+        labels = (cond or {}).get("class_labels")
+        x = x_hat.double() if self.net_dtype == torch.float64 else x_hat.float()
+        t_hat = t_hat.reshape(-1).to(torch.float64)
+        c_noise = t_hat if self.precondition == "trigflow" else torch.log(self.sigma_data * torch.tan(t_hat)) / 4
+        return -self.net(x / self.sigma_data, c_noise, labels)

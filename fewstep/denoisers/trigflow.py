@@ -85,7 +85,12 @@ class TrigFlowView:
         return (cos * x_hat - x0) / sin
 
     def F(self, x_hat: Tensor, t_hat: Tensor, cond: Cond | None = None, *, guidance: Guidance = None) -> Tensor:
-        """F_theta(x_hat / sigma_d, t_hat): the velocity in units of sigma_d."""
+        """F_theta(x_hat / sigma_d, t_hat): the velocity in units of sigma_d (the denoiser's direct
+        ``trigflow_F`` where it has one and no guidance is asked, else through the native point)."""
+        if guidance is None:
+            direct = self.denoiser.trigflow_F(x_hat, t_hat, self.sigma_data, cond)
+            if direct is not None:
+                return direct.to(x_hat.dtype)
         return self.velocity(x_hat, t_hat, cond, guidance=guidance) / self.sigma_data
 
 

