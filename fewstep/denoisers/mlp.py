@@ -73,9 +73,12 @@ class MLPDenoiser(Denoiser):
         self.net = net
         self.sigma_data = sigma_data
 
+    def _net_inputs(self, x: Tensor, cond: Cond | None) -> tuple[Tensor, Tensor | None]:
+        """(x in the net's precision: float64 only for float64 nets, else float32; the class labels or None)."""
+        return (x.double() if self.net_dtype == torch.float64 else x.float()), (cond or {}).get("class_labels")
+
     def network_output(self, x_t: Tensor, t: Tensor, cond: Cond | None, timestep_cond: Tensor | None) -> Tensor:
-        labels = (cond or {}).get("class_labels")
-        x_t = x_t.double() if self.net_dtype == torch.float64 else x_t.float()  # float64 only for float64 nets
+        x_t, labels = self._net_inputs(x_t, cond)
         if self.precondition == "none":
             return self.net(x_t, t.to(x_t.dtype) / self.schedule.num_train_timesteps, labels)
         alpha, sigma = self.schedule.coefficients(t, x_t)
@@ -97,8 +100,7 @@ class MLPDenoiser(Denoiser):
         if self.precondition == "none" or float(sigma_data) != float(self.sigma_data) or self.takes_guidance:
             return None
         self.check_cond(cond)
-        labels = (cond or {}).get("class_labels")
-        x = x_hat.double() if self.net_dtype == torch.float64 else x_hat.float()
+        x, labels = self._net_inputs(x_hat, cond)
         t_hat = t_hat.reshape(-1).to(torch.float64)
         c_noise = t_hat if self.precondition == "trigflow" else torch.log(self.sigma_data * torch.tan(t_hat)) / 4
         return -self.net(x / self.sigma_data, c_noise, labels)
