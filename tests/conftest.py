@@ -7,8 +7,11 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# 2 threads as on CI; FEWSTEP_TEST_THREADS=1 runs the suite as a 1-core machine would (docs/contributing.md)
-torch.set_num_threads(int(os.environ.get("FEWSTEP_TEST_THREADS", "2")))
+# CI's 2 cores: 2 torch threads in one process, or 1 in each of pytest-xdist's 2 workers (the default run,
+# pyproject's addopts) so that the workers do not oversubscribe the cores; FEWSTEP_TEST_THREADS=N sets it
+# (1 runs the suite as a 1-core machine would, docs/contributing.md)
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(int(os.environ.get("FEWSTEP_TEST_THREADS", max(1, 2 // _workers))))
 
 
 @pytest.fixture(scope="session")

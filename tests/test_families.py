@@ -30,11 +30,12 @@ SLOW: set[tuple[str, str]] = set()
 
 
 @pytest.fixture(scope="module")
-def family_dirs(tmp_path_factory, captioned_dir):
+def family_dirs(tmp_path_factory, tiny_dirs):
+    """conftest's tiny pipelines (sd, sdxl, sd3, sd35, flux: built once per session) plus flux_schnell."""
     from fewstep.testing.tiny import save_tiny_pipeline
 
-    root = tmp_path_factory.mktemp("families")
-    return {f: save_tiny_pipeline(f, root / f) for f in FAMILIES}  # sd, sdxl as conftest's tiny_dirs, plus flux
+    schnell = save_tiny_pipeline("flux_schnell", tmp_path_factory.mktemp("families") / "flux_schnell")
+    return {**tiny_dirs, "flux_schnell": schnell}
 
 
 def _recipe(tmp_path, family, base, captioned_dir, cell: str, *, pairs_made: bool = True) -> dict:

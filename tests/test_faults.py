@@ -1,6 +1,6 @@
 """Fault injection: SIGKILL at random steps, then resume, ends bit-identical to an uninterrupted run (opt-in:
 `pytest -m slow`, about four minutes on 2 cores). tests/test_loop.py covers SIGTERM and damaged checkpoints,
-tests/test_bad_input.py a full disk."""
+tests/commands/test_bad_input.py a full disk."""
 import os
 import random
 import signal

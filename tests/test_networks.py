@@ -6,7 +6,7 @@ import torch
 from fewstep.errors import FewstepError
 from fewstep.logwindow import LogWindow
 from fewstep.networks import TrainedNetworks, freeze_teacher
-from tests.test_fdivergence import _setup
+from tests.losses.test_fdivergence import _setup
 
 
 class Wrapper(torch.nn.Module):

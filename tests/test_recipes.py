@@ -30,7 +30,13 @@ def finished(name: str, out) -> bool:
     return (last / "final" / "fewstep.json").exists() and (last / "DONE").exists()
 
 
-@pytest.mark.parametrize("name", sorted(available_recipes()))
+#: recipes whose smoke run (the same command, to the same finished export) the default suite makes under the device
+#: check already (tests/testing/test_devices.py): their plain run is opt-in
+SMOKED_UNDER_DEVICE_CHECK = ("gmm_teacher", "digits_features", "gmm_cd", "sd15_lcm", "sdxl_fdistill_js")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SMOKED_UNDER_DEVICE_CHECK else n
+                                  for n in sorted(available_recipes())])
 def test_recipe_smoke_runs_two_steps(name, tmp_path, capsys, tiny_dirs, captioned_dir):
     out = tmp_path / name
     assert main(smoke_args(name, out, tiny_dirs, captioned_dir)) == 0

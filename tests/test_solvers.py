@@ -10,7 +10,7 @@ from fewstep.eval import sliced_wasserstein2
 from fewstep.schedules import FlowSchedule, VPSchedule, schedule_from_config
 from fewstep.solvers import DDIM, DPMSolverPP2M, Euler, make_solver, sample
 
-from .helpers import tiny_unet2d
+from tests.helpers import tiny_unet2d
 
 
 def _schedule(sched):

@@ -46,6 +46,6 @@ def test_a_compiled_run_trains_what_an_eager_one_does_without_recompiling(tmp_pa
     finally:
         torch._dynamo.config.error_on_recompile = False
     assert main(["distill", *common, "train.max_steps=6", f"train.output_dir={tmp_path / 'e'}"]) == 0
-    from tests.test_fsdp import exported
+    from tests.test_sharding import exported
 
     assert max_diff(exported(tmp_path / "c"), exported(tmp_path / "e")) < 1e-5

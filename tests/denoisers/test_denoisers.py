@@ -8,7 +8,7 @@ from fewstep.denoisers import MixtureDenoiser, MLPDenoiser, MLPNet, UNetDenoiser
 from fewstep.errors import FewstepError
 from fewstep.schedules import FlowSchedule, VPSchedule, x0_eps_from_native
 
-from .helpers import tiny_cond_unet, tiny_unet2d
+from tests.helpers import tiny_cond_unet, tiny_unet2d
 
 
 @pytest.mark.parametrize("schedule", [VPSchedule.from_betas(), FlowSchedule()], ids=["vp", "flow"])

@@ -47,7 +47,7 @@ def _models():
 
 def test_generator_loss_is_scm_plus_weighted_dmd_from_its_own_seeds():
     """L = L_sCM + lambda L_DMD: sCM's loss on the batch as loss scm computes it (tested against Algorithm 1 in
-    test_scm.py), and DMD's written out here from each sample's second seed stream: z, eps, t ~ U{20..980},
+    losses/test_scm.py), and DMD's written out here from each sample's second seed stream: z, eps, t ~ U{20..980},
     x = G(z) at t = 999, grad = (x0_fake - x0_real) / mean|x - x0_real|, 0.5 mean(grad^2); its gradient in x is
     grad / numel. The DMD noise is not sCM's (the first normal of both streams differs)."""
     models = _models()

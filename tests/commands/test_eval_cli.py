@@ -12,7 +12,7 @@ from fewstep.eval.latency import PARTS, measure
 from fewstep.io import partial_siblings, save_safetensors_atomic
 from fewstep.run import run_recipe
 
-from .test_loop import digits_recipe
+from tests.test_loop import digits_recipe
 
 
 def test_eval_of_real_digits_against_the_digits_reference(tmp_path, capsys):

@@ -54,8 +54,8 @@ def test_loop_steps_count_student_updates_as_the_instance_runs_them():
     from fewstep.losses import ConsistencyDistillationLoss
     from fewstep.losses.base import Models
     from fewstep.schedules import VPSchedule
-    from tests.test_consistency import SD, _student
-    from tests.test_fdivergence import _setup
+    from tests.losses.test_consistency import SD, _student
+    from tests.losses.test_fdivergence import _setup
 
     for fake_updates in (1, 3):
         _, _, loss = _setup(fake_updates=fake_updates)
@@ -83,7 +83,7 @@ def test_each_phase_gets_an_optimizer_over_the_networks_it_trains():
     group with its own lr, the discriminator's; the generator's holds exactly the student's; each LR schedule
     runs over the steps its phase runs (2 fake-score steps and 1 generator step per cycle, 9 steps)."""
     from fewstep.build.optim import PhaseOptimizer, build_optimizers, phase_steps
-    from tests.test_fdivergence import _setup
+    from tests.losses.test_fdivergence import _setup
 
     _, student, loss = _setup(fake_updates=2)
     networks = {"student": student.net, **loss.modules_to_train()}
