@@ -33,6 +33,10 @@ FAMILIES = {
 TRANSFORMER_FAMILIES = ("sd3", "flux")
 
 
+#: hub ids removed from the Hugging Face Hub -> their maintained copies (runwayml's SD 1.5 was taken down in 2024)
+MOVED_HUB_IDS = {"runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
@@ -45,6 +49,9 @@ def _looks_local(name: str) -> bool:
 def resolve_model(name: str) -> str:
     """Check a model path or hub id before loading; raise one clear line when it cannot be had."""
     path = Path(name).expanduser()
+    if name in MOVED_HUB_IDS and not path.exists():
+        raise FewstepError(f"{name} was removed from the Hugging Face Hub; its maintained copy is "
+                           f"{MOVED_HUB_IDS[name]} (or pass a local directory)")
     if path.exists():
         if not (path / "model_index.json").exists() and not (path / "config.json").exists():
             raise FewstepError(f"{name} is not a diffusers model directory (no model_index.json or config.json)")
@@ -308,6 +315,7 @@ def load_pipeline(name: str, *, dtype: torch.dtype = torch.float32, device: str 
         raise FewstepError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
     if not empty:
         pipe.to(device)
+    _freeze_encoders(pipe, "transformer" if family in TRANSFORMER_FAMILIES else "unet")
     pipe.set_progress_bar_config(disable=True)
     local = Path(name).expanduser()
     base = str(local.resolve()) if local.exists() else name  # a hub id stays a hub id
@@ -318,6 +326,14 @@ def load_pipeline(name: str, *, dtype: torch.dtype = torch.float32, device: str 
         raise FewstepError(f"resolution {resolution} does not fit {class_name}: it must be a positive multiple of {step} "
                            "(the VAE's factor" + (" times FLUX.1's 2x2 packing)" if family == "flux" else ")"))
     return lp
+
+
+def _freeze_encoders(pipe, denoiser: str) -> None:
+    """The pipeline's text encoders and VAE never train in fewstep: no gradients for their weights (as diffusers'
+    training scripts set ``requires_grad_(False)``); the denoiser network is left to the builders and the loop."""
+    for name, part in pipe.components.items():
+        if name != denoiser and isinstance(part, torch.nn.Module):
+            part.requires_grad_(False)
 
 
 def _read_scheduler(scheduler) -> tuple[Schedule, str]:

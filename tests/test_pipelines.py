@@ -84,6 +84,21 @@ def test_loading_errors(tmp_path, monkeypatch):
         load_pipeline("fewstep-test/no-such-model")
     with pytest.raises(FewstepError, match="not a diffusers model directory"):
         load_pipeline(str(tmp_path))
+    # SD 1.5's first hub id was removed in 2024: one line naming the maintained copy, before any download is tried
+    with pytest.raises(FewstepError, match="runwayml/stable-diffusion-v1-5 was removed from the Hugging Face Hub; "
+                                           "its maintained copy is stable-diffusion-v1-5/stable-diffusion-v1-5"):
+        load_pipeline("runwayml/stable-diffusion-v1-5")
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
     with pytest.raises(FewstepError, match="valid: .*StableDiffusion3Pipeline"):
         load_pipeline(str(tmp_path))
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
+def test_text_encoders_and_vae_have_no_gradients(family, tiny_dirs):
+    """They never train (diffusers' training scripts freeze them the same way); the denoiser is the loop's to set."""
+    lp = load_pipeline(str(tiny_dirs[family]))
+    frozen = {name: part for name, part in lp.pipe.components.items()
+              if isinstance(part, torch.nn.Module) and part is not lp.net}
+    assert "vae" in frozen and "text_encoder" in frozen
+    assert not [name for name, part in frozen.items() if any(p.requires_grad for p in part.parameters())]
+    assert all(p.requires_grad for p in lp.net.parameters())
