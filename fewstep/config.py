@@ -338,6 +338,9 @@ def validate(raw: dict[str, Any]) -> Recipe:
     lr_scheduler = build_section(LRSchedulerSection, raw.get("lr_scheduler"), "lr_scheduler")
     if lr_scheduler.warmup_steps < 0:
         raise FewstepError(f"lr_scheduler.warmup_steps must be >= 0, got {lr_scheduler.warmup_steps}")
+    if lr_scheduler.name == "constant" and lr_scheduler.warmup_steps:
+        raise FewstepError(f"lr_scheduler.warmup_steps {lr_scheduler.warmup_steps} has no effect with name constant "
+                           "(diffusers' get_scheduler ignores it); use name constant_with_warmup, or warmup_steps 0")
     return Recipe(
         raw=raw, name=str(raw.get("name", "recipe")), train=train, sample=sample, lora=lora, evaluation=evaluation,
         lr_scheduler=lr_scheduler,

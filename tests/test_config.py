@@ -21,6 +21,10 @@ def test_config_errors_are_one_line_exit_2(capsys, tmp_path):
         (["validate", "gmm_teacher", "bogus=1"], "unknown key bogus; valid: name"),
         (["validate", "gmm_teacher", "train.mixed_precision=fp8"], "valid: no, fp16, bf16"),
         (["validate", "gmm_teacher", "lr_scheduler.name=sometimes"], "unknown lr_scheduler.name 'sometimes'"),
+        # diffusers' get_scheduler("constant") ignores warmup_steps: refused rather than silently dropped
+        (["validate", "gmm_teacher", "lr_scheduler.name=constant", "lr_scheduler.warmup_steps=500"],
+         "lr_scheduler.warmup_steps 500 has no effect with name constant (diffusers' get_scheduler ignores it); "
+         "use name constant_with_warmup, or warmup_steps 0"),
         (["validate", "no_such_recipe"], "recipe no_such_recipe not found; valid names:"),
         (["validate", "gmm_teacher", "train.max_steps"], "must look like key=value"),
         (["distill", "gmm_teacher", "train.batch_size=1.5"], "train.batch_size: expected an integer, got 1.5"),
