@@ -315,12 +315,12 @@ def load_pipeline(name: str, *, dtype: torch.dtype = torch.float32, device: str 
         raise FewstepError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
     if not empty:
         pipe.to(device)
-    _freeze_encoders(pipe, "transformer" if family in TRANSFORMER_FAMILIES else "unet")
     pipe.set_progress_bar_config(disable=True)
     local = Path(name).expanduser()
     base = str(local.resolve()) if local.exists() else name  # a hub id stays a hub id
     lp = LoadedPipeline(family, pipe, *_read_scheduler(pipe.scheduler), origin={"base": base, "base_loras": []},
                         image_size=resolution, empty=empty)
+    _freeze_encoders(pipe, lp.net)
     step = (2 if family == "flux" else 1) * lp.vae_scale_factor
     if resolution is not None and (resolution < step or resolution % step):
         raise FewstepError(f"resolution {resolution} does not fit {class_name}: it must be a positive multiple of {step} "
@@ -328,11 +328,11 @@ def load_pipeline(name: str, *, dtype: torch.dtype = torch.float32, device: str 
     return lp
 
 
-def _freeze_encoders(pipe, denoiser: str) -> None:
+def _freeze_encoders(pipe, denoiser: torch.nn.Module) -> None:
     """The pipeline's text encoders and VAE never train in fewstep: no gradients for their weights (as diffusers'
     training scripts set ``requires_grad_(False)``); the denoiser network is left to the builders and the loop."""
-    for name, part in pipe.components.items():
-        if name != denoiser and isinstance(part, torch.nn.Module):
+    for part in pipe.components.values():
+        if part is not denoiser and isinstance(part, torch.nn.Module):
             part.requires_grad_(False)
 
 
