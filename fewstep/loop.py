@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,6 +117,7 @@ class Loop:
         best_metric: str | None = None,
         export: Callable[[Denoiser, Path], None] | None = None,
         fingerprint: dict[str, Any] | None = None,
+        frozen: Sequence[torch.nn.Module] = (),
         log: Callable[[str], None] = print,
     ) -> None:
         self.settings, self.loss, self.teacher, self.log = settings, loss, teacher, log
@@ -127,6 +128,8 @@ class Loop:
         if teacher is not None:
             teacher.eval().to(self.acc.device)
         loss.to(self.acc.device)
+        for net in frozen:  # what prepare, the loss and sampling run untrained (text encoders, VAE) runs there too
+            net.eval().to(self.acc.device)
         self.networks = TrainedNetworks(student, loss)
         for net in self.networks.bare.values():
             net.train()

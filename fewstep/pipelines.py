@@ -100,6 +100,12 @@ class LoadedPipeline:
     def vae(self):
         return self.pipe.vae
 
+    def frozen_parts(self) -> list[torch.nn.Module]:
+        """The networks that run without training (text encoders, VAE): every component but the denoiser network.
+        Wherever the denoiser runs, these must run too (``Loop(frozen=...)`` moves them with it)."""
+        return [part for part in self.pipe.components.values()
+                if isinstance(part, torch.nn.Module) and part is not self.net]
+
     @property
     def scheduler(self):
         return self.pipe.scheduler
@@ -320,20 +326,13 @@ def load_pipeline(name: str, *, dtype: torch.dtype = torch.float32, device: str 
     base = str(local.resolve()) if local.exists() else name  # a hub id stays a hub id
     lp = LoadedPipeline(family, pipe, *_read_scheduler(pipe.scheduler), origin={"base": base, "base_loras": []},
                         image_size=resolution, empty=empty)
-    _freeze_encoders(pipe, lp.net)
+    for part in lp.frozen_parts():  # they never train (diffusers' training scripts: requires_grad_(False))
+        part.requires_grad_(False)
     step = (2 if family == "flux" else 1) * lp.vae_scale_factor
     if resolution is not None and (resolution < step or resolution % step):
         raise FewstepError(f"resolution {resolution} does not fit {class_name}: it must be a positive multiple of {step} "
                            "(the VAE's factor" + (" times FLUX.1's 2x2 packing)" if family == "flux" else ")"))
     return lp
-
-
-def _freeze_encoders(pipe, denoiser: torch.nn.Module) -> None:
-    """The pipeline's text encoders and VAE never train in fewstep: no gradients for their weights (as diffusers'
-    training scripts set ``requires_grad_(False)``); the denoiser network is left to the builders and the loop."""
-    for part in pipe.components.values():
-        if part is not denoiser and isinstance(part, torch.nn.Module):
-            part.requires_grad_(False)
 
 
 def _read_scheduler(scheduler) -> tuple[Schedule, str]:

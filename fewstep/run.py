@@ -118,7 +118,8 @@ def build_loop(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None, 
     return Loop(student=b.student.denoiser, teacher=b.teacher.denoiser, loss=b.loss, dataset=b.dataset,
                 settings=b.settings, optimizers=b.optimizers, lr_schedulers=b.lr_schedulers, prepare=b.prepare,
                 sample_fn=b.sample_fn, save_samples=save_samples, evaluate=evaluate or b.evaluate,
-                best_metric=b.best_metric, export=b.export, fingerprint={"recipe": recipe.name}, log=log)
+                best_metric=b.best_metric, export=b.export, fingerprint={"recipe": recipe.name}, frozen=b.frozen,
+                log=log)
 
 
 def run_single(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None, log: Callable[[str], None] = print,

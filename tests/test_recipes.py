@@ -4,6 +4,7 @@ import torch
 
 from fewstep.cli import main
 from fewstep.config import available_recipes, load_recipe
+from fewstep.testing.recipes import family_of
 from fewstep.testing.tiny import TINY_RESOLUTION
 
 
@@ -30,9 +31,15 @@ def finished(name: str, out) -> bool:
     return (last / "final" / "fewstep.json").exists() and (last / "DONE").exists()
 
 
+def _sharded(name: str) -> bool:
+    return load_recipe(name).train.parallel == "fsdp"
+
+
 #: recipes whose smoke run (the same command, to the same finished export) the default suite makes under the device
-#: check already (tests/testing/test_devices.py): their plain run is opt-in
-SMOKED_UNDER_DEVICE_CHECK = ("gmm_teacher", "digits_features", "gmm_cd", "sd15_lcm", "sdxl_fdistill_js")
+#: check already (tests/testing/test_devices.py): three toy recipes and every SD-family recipe that does not shard
+#: (the check runs those as one DDP process: another command); their plain run is opt-in
+SMOKED_UNDER_DEVICE_CHECK = ("gmm_teacher", "digits_features", "gmm_cd") + tuple(
+    n for n in sorted(available_recipes()) if family_of(n) and not _sharded(n))
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SMOKED_UNDER_DEVICE_CHECK else n

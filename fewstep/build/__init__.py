@@ -50,6 +50,8 @@ class BuiltRun:
     export: Callable[[Denoiser, Path], None]
     evaluate: Callable[[Denoiser, int], dict[str, float]] | None = None
     best_metric: str | None = None
+    #: networks the data path and sampling run untrained (a pipeline's text encoders and VAE): the loop places them
+    frozen: list[torch.nn.Module] = dataclasses.field(default_factory=list)
 
 
 def build_student(recipe: Recipe, schedule: Schedule, teacher: LoadedModel,
@@ -128,7 +130,16 @@ def build(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None, weigh
                     make_prepare(student.pipeline or teacher.pipeline, table_prompts(dataset, tr.prompt_table),
                                  progress=tr.progress), sample_fn,
                     make_export(recipe, student, sampler, schedule_spec), evaluate,
-                    recipe.evaluation.best if recipe.evaluation is not None else None)
+                    recipe.evaluation.best if recipe.evaluation is not None else None, frozen_parts(teacher, student))
+
+
+def frozen_parts(*models: LoadedModel) -> list[torch.nn.Module]:
+    """The untrained pipeline parts of ``models`` (a student built from the teacher shares its pipeline): once each."""
+    parts: dict[int, torch.nn.Module] = {}
+    for model in models:
+        if model.pipeline is not None and not model.pipeline.empty:
+            parts.update((id(part), part) for part in model.pipeline.frozen_parts())
+    return list(parts.values())
 
 
 __all__ = ["BuiltRun", "DATA", "LoadedModel", "build", "build_data", "build_model", "check_pairs", "check_recipe",

@@ -18,6 +18,10 @@ the mode: tensors made before it, and those made by C++ code (weights read by sa
 (timestep grids, schedule tables, noise drawn without a device) meeting device data, not a network
 left on the host. Checks are made on the
 Python-level calls (forward code); backward runs in autograd's engine and is not checked.
+
+``VirtualAccelerator(whole_program=True)`` removes both blind spots: it checks every package's calls and knows
+where every weight is (the class docstring says how). It found that the loop left a pipeline's text encoders and
+VAE on the host (issue 41: every SD run on prompts stopped at its first batch on a GPU).
 """
 from __future__ import annotations
 
@@ -33,20 +37,21 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 
 HOST, ACCEL = "host", "accelerator"
+#: the accelerator of ``VirtualAccelerator(whole_program=True)``: a CPU device that is not ``cpu``
+WHOLE_PROGRAM_DEVICE = torch.device("cpu", 0)
 _FEWSTEP = Path(__file__).resolve().parents[1]
 _TORCH = Path(torch.__file__).resolve().parent
 _SELF = Path(__file__).resolve()
 
 
-def _called_from(packages: tuple[str, ...]) -> bool:
+def _called_from(packages: tuple[str, ...] | None) -> bool:
     """Whether the torch call comes from code under one of ``packages`` (torch's own Python wrappers between
-    skipped): the check guards that code; libraries (diffusers, transformers) are CUDA-tested upstream and
-    their calls only carry places along (``device=x.device`` cannot tell a host x from an accelerator one)."""
+    skipped; ``None``: any code but torch's and fewstep.testing's, libraries included)."""
     frame = sys._getframe(2)
     while frame is not None:
         name = frame.f_code.co_filename
         if not name.startswith(str(_TORCH)) and name != str(_SELF):
-            return name.startswith(packages) and not name.startswith(str(_FEWSTEP / "testing"))
+            return (packages is None or name.startswith(packages)) and not name.startswith(str(_FEWSTEP / "testing"))
         frame = frame.f_back
     return False
 
@@ -55,8 +60,11 @@ class DeviceMismatch(RuntimeError):
     """An op a CUDA run would refuse: host and accelerator tensors mixed."""
 
 
+#: the ``device`` attribute's descriptor: its ``__get__`` (a new method-wrapper at each access) is what the mode sees
+_DEVICE_ATTRIBUTE = torch._C.TensorBase.__dict__["device"]
+_DATA_ATTRIBUTE = torch._C.TensorBase.__dict__["data"]
 #: ops whose host inputs CUDA accepts next to accelerator tensors (copies between devices)
-_COPIES = {Tensor.copy_, Tensor.__setitem__, Tensor.to, Tensor.cpu, Tensor.cuda, Tensor.new_tensor, Tensor.__deepcopy__}
+_COPIES = {torch._has_compatible_shallow_copy_type, Tensor.copy_, Tensor.__setitem__, Tensor.to, Tensor.cpu, Tensor.cuda, Tensor.new_tensor, Tensor.__deepcopy__}
 #: ops whose result lives where ``self`` does, whatever else they are given (deepcopy's memo holds other tensors)
 _LIKE_SELF = {Tensor.__deepcopy__}
 #: index ops: an accelerator tensor may be indexed with host indices, a host tensor not with accelerator ones
@@ -85,13 +93,58 @@ class VirtualAccelerator(TorchFunctionMode):
     outside Python-level torch calls: weights read by safetensors, gradients made by autograd); only
     known host and known accelerator tensors are checked against each other, so a loader's CPU tensors
     are not mistaken for accelerator ones.
+
+    ``whole_program=True`` checks every call (diffusers', transformers', accelerate's and fewstep's), and tells the
+    accelerator from the host as CUDA does, by device: the accelerator is ``WHOLE_PROGRAM_DEVICE`` (``cpu:0``, which
+    a CPU-only torch accepts everywhere; ``accelerate.Accelerator.device`` answers it inside the mode, as it answers
+    ``cuda:0`` on a GPU), the host is ``cpu``; an accelerator tensor's ``.device`` is ``cpu:0``, so
+    ``device=x.device`` keeps x's place. Weights are where the code really put them: a parameter or buffer that
+    ``Module.to(device)`` (or ``Accelerator.prepare``) moved to ``cpu:0`` is on the accelerator, one that no call
+    placed is on the host when its module runs, and a gradient is where its parameter is. Build and move
+    everything inside the mode: a network moved before it counts as never moved.
     """
 
-    def __init__(self, packages: tuple[str, ...] = (str(_FEWSTEP),)) -> None:
+    def __init__(self, packages: tuple[str, ...] = (str(_FEWSTEP),), *, whole_program: bool = False) -> None:
         super().__init__()
         self.place = WeakIdKeyDictionary()
-        self.packages = packages
+        self.packages = None if whole_program else packages
+        self.whole_program = whole_program
         self.checked = 0
+        self._hook = None
+
+    def __enter__(self):
+        if self.whole_program:
+            from accelerate import Accelerator
+
+            self._hook = torch.nn.modules.module.register_module_forward_pre_hook(self._place_unmoved_weights)
+            self._accelerator_device = Accelerator.__dict__["device"]
+            Accelerator.device = property(lambda acc: WHOLE_PROGRAM_DEVICE)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        if self._hook is not None:
+            from accelerate import Accelerator
+
+            self._hook.remove()
+            self._hook = None
+            Accelerator.device = self._accelerator_device
+        return super().__exit__(*exc)
+
+    def _device_place(self, value: Any) -> str | None:
+        """``_device_place``, or in whole-program mode: ``cpu:0`` is the accelerator, ``cpu`` the host."""
+        if self.whole_program and isinstance(value, (str, torch.device)):
+            device = torch.device(value)
+            if device.type == "meta":  # sizes without data (loaders build on meta first): nowhere
+                return None
+            return ACCEL if device.type != "cpu" or device.index is not None else HOST
+        return _device_place(value)
+
+    def _place_unmoved_weights(self, module: torch.nn.Module, args) -> None:
+        """Before a module runs: its own weights that no call placed (loaded by C++ code, never moved) are on the
+        host, where ``from_pretrained`` and ``load_state_dict`` leave them."""
+        for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+            if t is not None and t not in self.place:
+                self.place[t] = HOST
 
     def where(self, t: Tensor) -> str | None:
         return self.place.get(t)
@@ -107,13 +160,14 @@ class VirtualAccelerator(TorchFunctionMode):
             return self_place
         if func is Tensor.to:
             rest = [*args[1:], kwargs.get("device"), kwargs.get("other")]
-            moved = next((p for p in map(_device_place, rest) if p is not None), None)
+            moved = next((p for p in map(self._device_place, rest) if p is not None), None)
             if moved is not None:
                 return moved
             other = next((a for a in rest if isinstance(a, Tensor)), None)
             return self.where(other) if other is not None else self_place
         if kwargs.get("device") is not None:
-            return _device_place(kwargs["device"]) or ACCEL
+            place = self._device_place(kwargs["device"])
+            return place if place is not None or self.whole_program else ACCEL
         if not inputs:
             return HOST  # made without a device and without tensor inputs: on the host
         places = {self.where(t) for t in inputs}
@@ -140,6 +194,13 @@ class VirtualAccelerator(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.whole_program and getattr(func, "__self__", None) is _DEVICE_ATTRIBUTE:  # x.device: where x is, as a device the code can pass on
+            real = func(*args)  # meta stays meta
+            return WHOLE_PROGRAM_DEVICE if real.type == "cpu" and self.where(args[0]) == ACCEL else real
+        if getattr(func, "__self__", None) is _DATA_ATTRIBUTE and func.__name__ == "__set__":
+            # p.data = moved (Module.to, a cast): p is now where the new data is
+            self._tag(args[0], self.where(args[1]))
+            return func(*args, **kwargs)
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
         if _called_from(self.packages):
             self._check(func, args, kwargs, inputs)
@@ -148,11 +209,14 @@ class VirtualAccelerator(TorchFunctionMode):
         out = func(*args, **kwargs)
         for t in tree_leaves(out):
             if isinstance(t, Tensor):
-                if placement is None:
-                    self.place.pop(t, None)
-                else:
-                    self.place[t] = placement
+                self._tag(t, placement)
         return out
+
+    def _tag(self, t: Tensor, placement: str | None) -> None:
+        if placement is None:
+            self.place.pop(t, None)
+        else:
+            self.place[t] = placement
 
 
 __all__ = ["DeviceMismatch", "VirtualAccelerator"]

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torch import Tensor
 
 from fewstep.cli import main
 from fewstep.config import available_recipes, load_recipe
-from fewstep.testing.devices import DeviceMismatch, VirtualAccelerator
+from fewstep.testing.devices import WHOLE_PROGRAM_DEVICE, DeviceMismatch, VirtualAccelerator
+from fewstep.testing.recipes import family_of
 from tests.test_recipes import SMOKED_UNDER_DEVICE_CHECK, finished, smoke_args
 
 DEVICE = torch.device("cpu")  # what `accelerator.device` is on this machine: the virtual accelerator
@@ -54,6 +56,45 @@ def test_a_network_on_the_device_trains_without_false_alarms():
             y - torch.randn(4, 2)
 
 
+def test_whole_program_places_weights_where_the_code_put_them():
+    """cpu:0 is the accelerator, cpu the host; a network is where Module.to put it, an unmoved one on the host;
+    ``device=x.device`` follows x; a gradient is where its parameter is; meta tensors are nowhere (never flagged)."""
+    with VirtualAccelerator(whole_program=True) as check:
+        moved, unmoved = torch.nn.Linear(3, 2).to(WHOLE_PROGRAM_DEVICE), torch.nn.Linear(3, 2)
+        x = torch.randn(4, 3).to(WHOLE_PROGRAM_DEVICE)
+        assert x.device == WHOLE_PROGRAM_DEVICE and torch.zeros(2).device == torch.device("cpu")
+        assert check.where(torch.zeros(2, device=x.device)) == "accelerator"
+        assert check.where(torch.zeros(2, device=torch.device("cpu"))) == "host"
+        moved(x).sum().backward()
+        assert check.where(moved.weight) == "accelerator" and check.where(moved.weight.grad) == "accelerator"
+        unmoved(torch.randn(4, 3))  # host with host: what CUDA accepts
+        assert check.where(unmoved.weight) == "host"
+        torch.zeros(2, device="meta") + torch.zeros(2, device="meta")
+        assert check.where(torch.zeros(2, device="meta")) is None
+
+
+def _planted_library_code(kind: str, x: Tensor) -> Tensor:
+    """Three shapes of the mistake, as library code would make them (whole-program mode checks every caller)."""
+    if kind == "network left on the host":
+        return torch.nn.Linear(3, 3)(x)  # built on the host, never moved
+    if kind == "host table, accelerator indices":
+        table = torch.linspace(0.0, 1.0, 1000)
+        return table[torch.randint(0, 1000, (x.shape[0],), device=x.device)]
+    if kind == "condition built on the host":
+        return torch.cat([x, torch.randn(x.shape[0], 3)], dim=1)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["network left on the host", "host table, accelerator indices",
+                                  "condition built on the host"])
+def test_whole_program_mode_catches_planted_mutants(kind):
+    with VirtualAccelerator(whole_program=True):
+        x = torch.randn(2, 3, device=WHOLE_PROGRAM_DEVICE)
+        with pytest.raises(DeviceMismatch):
+            _planted_library_code(kind, x)
+        _planted_library_code(kind, torch.randn(2, 3))  # the same code on the host alone: no report
+
+
 def _recipe_file(tmp_path, name: str, steps: int):
     """The shipped recipe with its generator at ``steps`` steps (its last stage's loss, if it has stages)."""
     raw = copy.deepcopy(load_recipe(name).raw)
@@ -65,22 +106,27 @@ def _recipe_file(tmp_path, name: str, steps: int):
 
 
 #: every loss once (diffusion, classifier, consistency, f-distill, reflow and flow distillation), those with a
-#: generator step count at 1 and 4 steps, over the analytic ring teacher; and the SD path's f-distill (with
-#: backward simulation), f-distill's discriminator on UNet features, LCM, and ODE regression with f-distill at
-#: timestep 399 (SDXL), over the tiny pipelines. The recipes run as shipped here are the default suite's smoke runs of
-#: them (tests/test_recipes.py leaves their plain runs to -m slow).
+#: generator step count at 1 and 4 steps, over the analytic ring teacher; every SD-family recipe as shipped over the
+#: tiny pipelines; and the SD path's f-distill with backward simulation (4 steps) and at 1 step. The recipes run as
+#: shipped here are the default suite's smoke runs of them (tests/test_recipes.py leaves their plain runs to -m slow).
 CASES = [(name, None) for name in SMOKED_UNDER_DEVICE_CHECK] + [("sd15_dmd", 4), ("sd15_fdistill_js", 1)] + [
     (name, steps) for name in ("gmm_fdistill", "gmm_reflow") for steps in (1, 4)]
+#: recipes that shard (train.parallel: fsdp) run here as one DDP process: FSDP2 puts its gathered parameters on its
+#: mesh's device type, and the virtual accelerator (cpu:0) has the host's type. Their sharded runs: tests/test_sharding.py
+SHARDED = [n for n in sorted(available_recipes()) if family_of(n) and n not in SMOKED_UNDER_DEVICE_CHECK]
 
 
-def _train_under_device_rules(name: str, steps: int | None, tmp_path, tiny_dirs, captioned_dir) -> None:
+def _train_under_device_rules(name: str, steps: int | None, tmp_path, tiny_dirs, captioned_dir,
+                              extra: tuple[str, ...] = ()) -> None:
+    """The recipe's smoke run under CUDA's rules over the whole program (diffusers', transformers', accelerate's code
+    and fewstep's; weights where the code put them)."""
     out = tmp_path / "run"
-    args = smoke_args(name, out, tiny_dirs, captioned_dir)
+    args = [*smoke_args(name, out, tiny_dirs, captioned_dir), *extra]
     if steps is not None:
         args[1] = str(_recipe_file(tmp_path, name, steps))
-    with VirtualAccelerator() as check:
+    with VirtualAccelerator(whole_program=True) as check:
         assert main(args) == 0
-    assert check.checked > 500  # the check really saw fewstep's calls
+    assert check.checked > 500  # the check really saw the calls
     assert finished(name, out)
 
 
@@ -89,8 +135,25 @@ def test_every_loss_trains_under_cuda_device_rules(name, steps, tmp_path, tiny_d
     _train_under_device_rules(name, steps, tmp_path, tiny_dirs, captioned_dir)
 
 
+@pytest.mark.parametrize("name", SHARDED)
+def test_sharded_recipes_train_under_cuda_device_rules_as_one_ddp_process(name, tmp_path, tiny_dirs, captioned_dir,
+                                                                         capsys):
+    _train_under_device_rules(name, None, tmp_path, tiny_dirs, captioned_dir, extra=("train.parallel=ddp",))
+
+
+def test_text_encoders_left_on_the_host_are_reported(tmp_path, tiny_dirs, captioned_dir, capsys, monkeypatch):
+    """Issue 41's first defect, planted back: the loop not told to place the pipeline's frozen parts (as before
+    Loop(frozen=...)) leaves the text encoder on the host while its token ids go to the accelerator."""
+    import fewstep.build
+
+    monkeypatch.setattr(fewstep.build, "frozen_parts", lambda *models: [])
+    with pytest.raises(DeviceMismatch, match=r"embedding: host tensor\(s\) of shape \(\d+, 32\)"):
+        _train_under_device_rules("sd15_lcm", None, tmp_path, tiny_dirs, captioned_dir)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(available_recipes()))
 def test_every_recipe_trains_under_cuda_device_rules(name, tmp_path, tiny_dirs, captioned_dir, capsys):
-    """Opt-in (-m slow, about 5 minutes): each shipped recipe, smoke-sized, under the check."""
-    _train_under_device_rules(name, None, tmp_path, tiny_dirs, captioned_dir)
+    """Opt-in (-m slow, about 5 minutes): each shipped recipe, smoke-sized, under the check (sharded ones as DDP)."""
+    _train_under_device_rules(name, None, tmp_path, tiny_dirs, captioned_dir,
+                              extra=("train.parallel=ddp",) if name in SHARDED else ())
