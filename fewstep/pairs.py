@@ -90,6 +90,7 @@ def generate_pairs(
     progress: bool = True,
     max_shards: int | None = None,
     encoder_propagation: Sequence[int] | None = None,
+    frozen: Sequence[torch.nn.Module] = (),
 ) -> list[Path]:
     """Write this process's missing shards; returns the shards it wrote.
 
@@ -97,7 +98,8 @@ def generate_pairs(
     list); ``encode`` turns a batch with prompts into the teacher's condition tensors.
     ``max_shards`` stops after that many new shards (for tests of resumption). ``encoder_propagation``: the key
     steps (indices into the grid) of Faster Diffusion's encoder propagation (fewstep.propagation), an approximation
-    recorded in the manifest; None runs the whole UNet at every step.
+    recorded in the manifest; None runs the whole UNet at every step. ``frozen``: the networks ``encode`` runs (a
+    pipeline's text encoders and VAE), moved to ``device`` with the teacher.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -120,6 +122,8 @@ def generate_pairs(
     todo = [k for k in range(rank, manifest["num_shards"], world_size) if not shard_ok(directory / shard_name(k))]
     written: list[Path] = []
     teacher = teacher.to(device).eval()
+    for net in frozen:
+        net.eval().to(device)
     if max_shards is not None:
         todo = todo[:max_shards]
     total = sum(min((k + 1) * shard_size, num) - k * shard_size for k in todo)

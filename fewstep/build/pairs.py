@@ -56,4 +56,5 @@ def pairs_job(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None) -
     return dict(teacher=teacher.denoiser, num=p.num, shard_size=p.shard_size, batch_size=p.batch_size, solver=p.solver,
                 steps=p.steps, guidance=p.guidance, spacing=p.spacing, seed=p.seed, shape=sample_shape(teacher),
                 conditions=pair_conditions(dataset, teacher.denoiser), encode=encode,
-                teacher_name=describe(recipe.teacher), encoder_propagation=p.encoder_propagation)
+                teacher_name=describe(recipe.teacher), encoder_propagation=p.encoder_propagation,
+                frozen=teacher.pipeline.frozen_parts() if teacher.pipeline is not None else [])

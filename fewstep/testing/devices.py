@@ -85,6 +85,13 @@ def _device_place(value: Any) -> str | None:
     return None
 
 
+def _accelerate_states() -> tuple[type, ...]:
+    """accelerate's state classes: each keeps ``device`` in a dict shared by its instances."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    return PartialState, AcceleratorState
+
+
 class VirtualAccelerator(TorchFunctionMode):
     """``with VirtualAccelerator():`` run code under CUDA's device rules; a violation in fewstep's own code
     (``packages``) raises ``DeviceMismatch`` naming the op and the host tensors' shapes.
@@ -96,8 +103,8 @@ class VirtualAccelerator(TorchFunctionMode):
 
     ``whole_program=True`` checks every call (diffusers', transformers', accelerate's and fewstep's), and tells the
     accelerator from the host as CUDA does, by device: the accelerator is ``WHOLE_PROGRAM_DEVICE`` (``cpu:0``, which
-    a CPU-only torch accepts everywhere; ``accelerate.Accelerator.device`` answers it inside the mode, as it answers
-    ``cuda:0`` on a GPU), the host is ``cpu``; an accelerator tensor's ``.device`` is ``cpu:0``, so
+    a CPU-only torch accepts everywhere; accelerate's ``Accelerator.device`` and ``PartialState().device`` answer it
+    inside the mode, as they answer ``cuda:0`` on a GPU), the host is ``cpu``; an accelerator tensor's ``.device`` is ``cpu:0``, so
     ``device=x.device`` keeps x's place. Weights are where the code really put them: a parameter or buffer that
     ``Module.to(device)`` (or ``Accelerator.prepare``) moved to ``cpu:0`` is on the accelerator, one that no call
     placed is on the host when its module runs, and a gradient is where its parameter is. Build and move
@@ -114,20 +121,17 @@ class VirtualAccelerator(TorchFunctionMode):
 
     def __enter__(self):
         if self.whole_program:
-            from accelerate import Accelerator
-
             self._hook = torch.nn.modules.module.register_module_forward_pre_hook(self._place_unmoved_weights)
-            self._accelerator_device = Accelerator.__dict__["device"]
-            Accelerator.device = property(lambda acc: WHOLE_PROGRAM_DEVICE)
+            for state in _accelerate_states():  # accelerate's device (Accelerator.device, PartialState().device)
+                state.device = property(lambda s: WHOLE_PROGRAM_DEVICE, lambda s, v: s.__dict__.__setitem__("device", v))
         return super().__enter__()
 
     def __exit__(self, *exc):
         if self._hook is not None:
-            from accelerate import Accelerator
-
             self._hook.remove()
             self._hook = None
-            Accelerator.device = self._accelerator_device
+            for state in _accelerate_states():
+                del state.device  # back to the value each state keeps in its shared dict
         return super().__exit__(*exc)
 
     def _device_place(self, value: Any) -> str | None:

@@ -141,14 +141,15 @@ def test_sharded_recipes_train_under_cuda_device_rules_as_one_ddp_process(name, 
     _train_under_device_rules(name, None, tmp_path, tiny_dirs, captioned_dir, extra=("train.parallel=ddp",))
 
 
-def test_text_encoders_left_on_the_host_are_reported(tmp_path, tiny_dirs, captioned_dir, capsys, monkeypatch):
-    """Issue 41's first defect, planted back: the loop not told to place the pipeline's frozen parts (as before
-    Loop(frozen=...)) leaves the text encoder on the host while its token ids go to the accelerator."""
-    import fewstep.build
+@pytest.mark.parametrize("name", ["sd15_lcm", "sd15_instaflow"])  # a training stage; a pairs stage first
+def test_text_encoders_left_on_the_host_are_reported(name, tmp_path, tiny_dirs, captioned_dir, capsys, monkeypatch):
+    """Issue 41's first defect, planted back: nothing places the pipeline's frozen parts (as before
+    LoadedPipeline.frozen_parts), so the text encoder stays on the host while its token ids go to the accelerator."""
+    from fewstep.pipelines import LoadedPipeline
 
-    monkeypatch.setattr(fewstep.build, "frozen_parts", lambda *models: [])
+    monkeypatch.setattr(LoadedPipeline, "frozen_parts", lambda self: [])
     with pytest.raises(DeviceMismatch, match=r"embedding: host tensor\(s\) of shape \(\d+, 32\)"):
-        _train_under_device_rules("sd15_lcm", None, tmp_path, tiny_dirs, captioned_dir)
+        _train_under_device_rules(name, None, tmp_path, tiny_dirs, captioned_dir)
 
 
 @pytest.mark.slow
