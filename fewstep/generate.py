@@ -10,6 +10,14 @@ from torch import Tensor
 from .errors import FewstepError
 
 
+def default_device() -> torch.device:
+    """Where a loaded model runs: the device accelerate picks for this process (``cuda:N`` on a GPU machine, else
+    ``mps`` or ``cpu``), as the training loop's Accelerator does."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
 def cycling_conditions(denoiser, pipeline, num: int, *, class_label: int | None = None,
                        prompts: list[str] | None = None, device: torch.device | str = "cpu") -> dict | None:
     """Conditions for ``num`` samples: prompts cycling (pipelines; default the empty prompt), classes cycling
@@ -36,18 +44,27 @@ class Generator:
     denoiser: Any
     meta: dict[str, Any]
     pipeline: Any = None
+    #: where the model (the denoiser, and a pipeline's text encoders and VAE) runs
+    device: torch.device = torch.device("cpu")
 
     @classmethod
-    def load(cls, directory: str, device: str | torch.device = "cpu") -> "Generator":
+    def load(cls, directory: str, device: str | torch.device | None = None) -> "Generator":
+        """The model in ``directory`` on ``device`` (default: ``default_device()``, the GPU where there is one)."""
         from .export import load_final
 
+        device = torch.device(device) if device is not None else default_device()
         den, meta, lp = load_final(directory, device=device)
         if meta["kind"] == "classifier":
             raise FewstepError(f"{directory} holds a classifier, not a generator")
-        return cls(den, meta, lp)
+        return cls(den, meta, lp, device)
+
+    def noise(self, num: int, seed: int) -> Tensor:
+        """The initial noise of ``num`` samples: drawn on the host from ``seed`` (the same on every device), moved."""
+        return torch.randn(num, *self.meta["sample_shape"], generator=torch.Generator().manual_seed(seed)).to(self.device)
 
     def conditions(self, num: int, *, class_label: int | None = None, prompts: list[str] | None = None) -> dict | None:
-        return cycling_conditions(self.denoiser, self.pipeline, num, class_label=class_label, prompts=prompts)
+        return cycling_conditions(self.denoiser, self.pipeline, num, class_label=class_label, prompts=prompts,
+                                  device=self.device)
 
     @torch.no_grad()
     def __call__(self, num: int, *, seed: int = 0, steps: int | None = None, solver: str | None = None,
@@ -62,7 +79,7 @@ class Generator:
         if class_label is None:
             class_label = s.get("class_label")
         cond = self.conditions(num, class_label=class_label, prompts=prompts)
-        x = torch.randn(num, *self.meta["sample_shape"], generator=torch.Generator().manual_seed(seed))
+        x = self.noise(num, seed)
         g = guidance if guidance is not None else s.get("guidance")
         out = sample(self.denoiser, sampler_solver(s, seed=seed + 1, name=solver), x,
                      sampler_grid(self.denoiser.schedule, s, steps), cond,

@@ -76,7 +76,7 @@ def timed_run(gen, steps: int, batch: int, seed: int):
     from ..solvers import sample
 
     s = gen.meta["sampler"]
-    x = torch.randn(batch, *gen.meta["sample_shape"], generator=torch.Generator().manual_seed(seed))
+    x = gen.noise(batch, seed)
     solver = sampler_solver(s)
     grid = sampler_grid(gen.denoiser.schedule, s, steps)
 
@@ -195,7 +195,7 @@ def measure_into(args: argparse.Namespace, todo: list[tuple[str, str, int]], out
     import platform
 
     from ..eval.evaluate import evaluate, make_extractor, reference_from
-    from ..generate import Generator
+    from ..generate import Generator, default_device
 
     features = args.features or ("digits" if args.reference.split(":")[0] == "digits" else "inception")
     extract, protocol = make_extractor(features, inception_weights=args.inception_weights)
@@ -226,8 +226,10 @@ def measure_into(args: argparse.Namespace, todo: list[tuple[str, str, int]], out
                      **memory})
         if gen.pipeline is not None:
             deployed += deployed_rows(gen, name, steps, batches, args, latency["median_s"])
-    hardware = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, "
-                f"{torch.get_num_threads()} threads)") + f", torch {torch.__version__}"
+    device = default_device()  # where Generator.load put every model: the label names it, not merely a GPU present
+    hardware = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+                f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)") + \
+        f", torch {torch.__version__}"
     meta = {"num": args.num, "seed": args.seed, "features": protocol, "reference": reference[3], "hardware": hardware,
             "repeats": args.repeats, "warmup": args.warmup, "throughput_batch": args.throughput_batch,
             "peak_memory": "process peak RSS, cumulative over the run; on CUDA also max_allocated per row",

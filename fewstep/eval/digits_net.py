@@ -58,7 +58,9 @@ def load_digits_net(directory: str | Path | None = None) -> DigitsFeatureNet:
 
 @torch.no_grad()
 def digits_features(net: DigitsFeatureNet, images: Tensor, batch: int = 1024) -> Tensor:
-    return torch.cat([net.features(images[i:i + batch]).double() for i in range(0, len(images), batch)])
+    """Features of ``images`` (on any device) computed where ``net`` is, returned on the host in float64."""
+    device = next(net.parameters()).device
+    return torch.cat([net.features(images[i:i + batch].to(device)).double().cpu() for i in range(0, len(images), batch)])
 
 
 def digits_reference_stats(path: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:

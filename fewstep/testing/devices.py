@@ -183,7 +183,8 @@ class VirtualAccelerator(TorchFunctionMode):
         name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
         if func in _INDEX and args and isinstance(args[0], Tensor):
             base, indices = args[0], [t for t in tree_leaves((args[1:], kwargs)) if isinstance(t, Tensor)]
-            if self.where(base) == HOST and any(self.where(i) == ACCEL for i in indices):
+            # a 0-dim integer index is read as a Python int (CUDA too: table[t] for one timestep t works)
+            if self.where(base) == HOST and any(self.where(i) == ACCEL and i.dim() > 0 for i in indices):
                 raise DeviceMismatch(f"{name}: a host tensor of shape {tuple(base.shape)} indexed with accelerator "
                                      f"indices (CUDA: indices should be either on cpu or on the same device as the "
                                      f"indexed tensor)")

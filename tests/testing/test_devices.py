@@ -152,6 +152,44 @@ def test_text_encoders_left_on_the_host_are_reported(name, tmp_path, tiny_dirs, 
         _train_under_device_rules(name, None, tmp_path, tiny_dirs, captioned_dir)
 
 
+def _under_device_rules_ran_on_the_accelerator(argv: list[str]) -> set[str]:
+    """Run ``fewstep ARGV`` under the whole-program check; the places of the denoiser networks' weights each time one
+    ran (a UNet's or an MLP's first parameter)."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    places: set[str] = set()
+    with VirtualAccelerator(whole_program=True) as check:
+        def record(module, args):
+            if isinstance(module, (UNet2DConditionModel, UNet2DModel)):
+                places.add(check.where(next(module.parameters())))
+
+        hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+        try:
+            assert main(argv) == 0
+        finally:
+            hook.remove()
+    return places
+
+
+def test_sample_bench_and_eval_run_the_denoiser_on_the_accelerator(tmp_path, tiny_dirs, captioned_dir, capsys):
+    """`fewstep sample`, `eval --model` and `bench` load where accelerate's device is (a GPU, where there is one) and
+    run every network there: the SD student's pipeline (text encoder, UNet, VAE; bench's plain diffusers call too) and
+    the digits teacher with its feature network."""
+    from fewstep.commands.demo import ASSET_TEACHER
+
+    run = tmp_path / "run"
+    assert main(smoke_args("sd15_lcm", run, tiny_dirs, captioned_dir)) == 0
+    final, digits = str(run / "final"), str(ASSET_TEACHER)
+    for argv in (["sample", "--model", final, "--num", "2", "--steps", "1", "--out", str(tmp_path / "s.png")],
+                 ["eval", "--model", digits, "--num", "16", "--steps", "1", "--reference", "digits"],
+                 ["bench", "--teacher", digits, "--teacher-steps", "1", "--num", "8", "--repeats", "1", "--warmup", "1",
+                  "--throughput-batch", "2", "--out", str(tmp_path / "bench_digits")],
+                 ["bench", "--teacher", final, "--teacher-steps", "1", "--num", "2", "--repeats", "1", "--warmup", "1",
+                  "--throughput-batch", "2", "--deploy-batches", "1", "--features", "inception",
+                  "--reference", str(captioned_dir), "--out", str(tmp_path / "bench_sd")]):
+        assert _under_device_rules_ran_on_the_accelerator(argv) == {"accelerator"}, argv
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(available_recipes()))
 def test_every_recipe_trains_under_cuda_device_rules(name, tmp_path, tiny_dirs, captioned_dir, capsys):
