@@ -165,7 +165,7 @@ class Loop:
         with train.fsdp_teacher=shard, the teacher; the optimizers are re-pointed at the sharded parameters."""
         from . import sharding
 
-        self._own_group = sharding.process_group()
+        self._own_group = sharding.process_group(self.acc.device)
         self.sharded = sharding.Sharded(sharding.device_mesh(self.acc.device),
                                         sharding.mixed_precision_policy(self.settings.mixed_precision))
         bare = self.networks.bare

@@ -19,12 +19,17 @@ from torch import nn
 from .errors import FewstepError
 
 
-def process_group() -> bool:
-    """Make sure a process group exists (one process: a gloo group of one, so a single-process fsdp run writes
-    the same sharded checkpoints as N processes); True when this call created it."""
+#: the collective backends of a one-process group by the device its tensors live on: FSDP2 gathers the device's
+#: tensors (gloo takes host tensors only; NCCL is CUDA's), checkpoints and barriers use host tensors (gloo)
+BACKENDS = {"cuda": "cpu:gloo,cuda:nccl"}
+
+
+def process_group(device: torch.device) -> bool:
+    """Make sure a process group exists (one process: a group of one, so a single-process fsdp run writes the same
+    sharded checkpoints as N processes), with a backend for ``device``'s tensors; True when this call created it."""
     if dist.is_initialized():
         return False
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group(BACKENDS.get(device.type, "gloo"), store=dist.HashStore(), rank=0, world_size=1)
     return True
 
 

@@ -44,6 +44,24 @@ def sharded_weights(run, step: int, network: str, tmp_path) -> dict:
     return torch.load(file, weights_only=True)["networks"][network]
 
 
+@pytest.mark.parametrize("device, expected", [("cuda:0", {"cpu": "gloo", "cuda": "nccl"}),
+                                              ("cpu", {"cpu": "gloo", "cuda": "gloo"})])
+def test_a_one_process_group_gathers_the_devices_tensors_with_its_backend(device, expected, monkeypatch):
+    """A one-process fsdp run makes its own group: on a GPU, FSDP2's reduce-scatter of CUDA tensors needs NCCL (gloo
+    has none), while checkpoints use host tensors (gloo). torch's own parser reads the backend string."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import Backend, BackendConfig
+
+    from fewstep import sharding
+
+    made = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: made.append(backend))
+    assert sharding.process_group(torch.device(device))
+    assert BackendConfig(Backend(made[0])).get_device_backend_map() == expected
+
+
 @pytest.mark.slow
 def test_fsdp_two_processes_match_one_and_resume_on_one(tmp_path, capsys):
     fsdp = "train.parallel=fsdp"
