@@ -8,20 +8,15 @@ tensor with CUDA indices (``cpu_table[cuda_index]``), while a CUDA tensor may be
 indices. CPU-only tests never see these errors, and neither does the ``meta`` device
 (``cpu_tensor[meta_index]`` does not raise, and meta refuses legal code such as ``.item()``).
 
-``VirtualAccelerator`` is a ``TorchFunctionMode`` that keeps the host/accelerator distinction itself:
-inside it, a ``torch.device`` passed explicitly (``device=x.device``, ``.to(device)``, ``.cuda()``) means
-the accelerator, as the code under test would pass ``cuda`` there (the string ``"cpu"`` means the host,
-as in ``.to("cpu")`` before saving); a tensor made without a device is a host
-tensor; a result is an accelerator tensor when any tensor input is one. Build what you test inside
-the mode: tensors made before it, and those made by C++ code (weights read by safetensors,
-``nn.Parameter``, gradients), are of unknown place and never flagged, so the check finds host data
-(timestep grids, schedule tables, noise drawn without a device) meeting device data, not a network
-left on the host. Checks are made on the
-Python-level calls (forward code); backward runs in autograd's engine and is not checked.
-
-``VirtualAccelerator(whole_program=True)`` removes both blind spots: it checks every package's calls and knows
-where every weight is (the class docstring says how). It found that the loop left a pipeline's text encoders and
-VAE on the host (issue 41: every SD run on prompts stopped at its first batch on a GPU).
+``VirtualAccelerator`` is a ``TorchFunctionMode`` that keeps the host/accelerator distinction itself, as CUDA
+does, by device: the accelerator is ``cpu:0`` (``ACCELERATOR``; a CPU-only torch accepts it everywhere, and
+accelerate's ``Accelerator.device`` and ``PartialState().device`` answer it inside the mode, as they answer ``cuda:0``
+on a GPU), the host is ``cpu``. It checks every package's Python-level torch calls (diffusers', transformers',
+accelerate's, fewstep's) and knows where each weight is (the class docstring says how). Backward runs in autograd's
+engine and is not checked. It found that the loop left a pipeline's text encoders and VAE on the host (issue 41:
+every SD run on prompts stopped at its first batch on a GPU), after an earlier form of it, which checked fewstep's
+own calls only and could not place weights, had found ``FDivergenceLoss.generate`` indexing a host grid with
+device indices.
 """
 from __future__ import annotations
 
@@ -37,21 +32,21 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 
 HOST, ACCEL = "host", "accelerator"
-#: the accelerator of ``VirtualAccelerator(whole_program=True)``: a CPU device that is not ``cpu``
-WHOLE_PROGRAM_DEVICE = torch.device("cpu", 0)
+#: the virtual accelerator: a CPU device that is not ``cpu``
+ACCELERATOR = torch.device("cpu", 0)
 _FEWSTEP = Path(__file__).resolve().parents[1]
 _TORCH = Path(torch.__file__).resolve().parent
 _SELF = Path(__file__).resolve()
 
 
-def _called_from(packages: tuple[str, ...] | None) -> bool:
-    """Whether the torch call comes from code under one of ``packages`` (torch's own Python wrappers between
-    skipped; ``None``: any code but torch's and fewstep.testing's, libraries included)."""
+def _checked_call() -> bool:
+    """Whether the torch call comes from code to check: any but torch's own Python wrappers (skipped to their caller)
+    and this package's (fewstep.testing)."""
     frame = sys._getframe(2)
     while frame is not None:
         name = frame.f_code.co_filename
         if not name.startswith(str(_TORCH)) and name != str(_SELF):
-            return (packages is None or name.startswith(packages)) and not name.startswith(str(_FEWSTEP / "testing"))
+            return not name.startswith(str(_FEWSTEP / "testing"))
         frame = frame.f_back
     return False
 
@@ -73,16 +68,16 @@ _INDEX = {Tensor.__getitem__, Tensor.index_select, torch.index_select, Tensor.ga
 
 
 def _device_place(value: Any) -> str | None:
-    """Where a device argument puts a tensor: a ``torch.device`` object (``x.device``, ``accelerator.device``)
-    or an accelerator name means the accelerator; the string ``"cpu"`` is code asking for the host, as
-    loaders and savers do (``.to("cpu")``, ``safe_open(..., device="cpu")``)."""
-    if isinstance(value, torch.device):
+    """Where a device argument (a ``torch.device`` or its name) puts a tensor: ``cpu`` the host, ``cpu:0`` or a GPU
+    the accelerator, ``meta`` nowhere (sizes without data, as loaders build first); None for anything else."""
+    if isinstance(value, int):  # a CUDA ordinal
         return ACCEL
-    if isinstance(value, str) and value.split(":")[0] in ("cuda", "mps", "xpu", "hpu", "npu"):
-        return ACCEL
-    if isinstance(value, str) and value.split(":")[0] == "cpu":
-        return HOST
-    return None
+    if not isinstance(value, (str, torch.device)):
+        return None
+    device = torch.device(value)
+    if device.type == "meta":
+        return None
+    return ACCEL if device.type != "cpu" or device.index is not None else HOST
 
 
 def _accelerate_states() -> tuple[type, ...]:
@@ -93,55 +88,36 @@ def _accelerate_states() -> tuple[type, ...]:
 
 
 class VirtualAccelerator(TorchFunctionMode):
-    """``with VirtualAccelerator():`` run code under CUDA's device rules; a violation in fewstep's own code
-    (``packages``) raises ``DeviceMismatch`` naming the op and the host tensors' shapes.
+    """``with VirtualAccelerator():`` run code under CUDA's device rules; a violation raises ``DeviceMismatch``
+    naming the op and the host tensors' shapes.
 
-    Each tensor is known to be on the host, known to be on the accelerator, or of unknown place (made
-    outside Python-level torch calls: weights read by safetensors, gradients made by autograd); only
-    known host and known accelerator tensors are checked against each other, so a loader's CPU tensors
-    are not mistaken for accelerator ones.
-
-    ``whole_program=True`` checks every call (diffusers', transformers', accelerate's and fewstep's), and tells the
-    accelerator from the host as CUDA does, by device: the accelerator is ``WHOLE_PROGRAM_DEVICE`` (``cpu:0``, which
-    a CPU-only torch accepts everywhere; accelerate's ``Accelerator.device`` and ``PartialState().device`` answer it
-    inside the mode, as they answer ``cuda:0`` on a GPU), the host is ``cpu``; an accelerator tensor's ``.device`` is ``cpu:0``, so
-    ``device=x.device`` keeps x's place. Weights are where the code really put them: a parameter or buffer that
-    ``Module.to(device)`` (or ``Accelerator.prepare``) moved to ``cpu:0`` is on the accelerator, one that no call
-    placed is on the host when its module runs, and a gradient is where its parameter is. Build and move
+    Each tensor is on the host, on the accelerator, or of unknown place (made outside Python-level torch calls and
+    never placed); only host and accelerator tensors are checked against each other. A tensor made without a device
+    is on the host; a result is on the accelerator when any tensor input is; an accelerator tensor's ``.device`` is
+    ``cpu:0``, so ``device=x.device`` keeps x's place. Weights are where the code really put them: a parameter or
+    buffer that ``Module.to(device)`` (or ``Accelerator.prepare``) moved to ``cpu:0`` is on the accelerator, one that
+    no call placed is on the host when its module runs, and a gradient is where its parameter is. Build and move
     everything inside the mode: a network moved before it counts as never moved.
     """
 
-    def __init__(self, packages: tuple[str, ...] = (str(_FEWSTEP),), *, whole_program: bool = False) -> None:
+    def __init__(self) -> None:
         super().__init__()
         self.place = WeakIdKeyDictionary()
-        self.packages = None if whole_program else packages
-        self.whole_program = whole_program
         self.checked = 0
         self._hook = None
 
     def __enter__(self):
-        if self.whole_program:
-            self._hook = torch.nn.modules.module.register_module_forward_pre_hook(self._place_unmoved_weights)
-            for state in _accelerate_states():  # accelerate's device (Accelerator.device, PartialState().device)
-                state.device = property(lambda s: WHOLE_PROGRAM_DEVICE, lambda s, v: s.__dict__.__setitem__("device", v))
+        self._hook = torch.nn.modules.module.register_module_forward_pre_hook(self._place_unmoved_weights)
+        for state in _accelerate_states():  # accelerate's device (Accelerator.device, PartialState().device), once set
+            state.device = property(lambda s: ACCELERATOR if s.__dict__.get("device") is not None else None,
+                                    lambda s, v: s.__dict__.__setitem__("device", v))
         return super().__enter__()
 
     def __exit__(self, *exc):
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-            for state in _accelerate_states():
-                del state.device  # back to the value each state keeps in its shared dict
+        self._hook.remove()
+        for state in _accelerate_states():
+            del state.device  # back to the value each state keeps in its shared dict
         return super().__exit__(*exc)
-
-    def _device_place(self, value: Any) -> str | None:
-        """``_device_place``, or in whole-program mode: ``cpu:0`` is the accelerator, ``cpu`` the host."""
-        if self.whole_program and isinstance(value, (str, torch.device)):
-            device = torch.device(value)
-            if device.type == "meta":  # sizes without data (loaders build on meta first): nowhere
-                return None
-            return ACCEL if device.type != "cpu" or device.index is not None else HOST
-        return _device_place(value)
 
     def _place_unmoved_weights(self, module: torch.nn.Module, args) -> None:
         """Before a module runs: its own weights that no call placed (loaded by C++ code, never moved) are on the
@@ -164,14 +140,13 @@ class VirtualAccelerator(TorchFunctionMode):
             return self_place
         if func is Tensor.to:
             rest = [*args[1:], kwargs.get("device"), kwargs.get("other")]
-            moved = next((p for p in map(self._device_place, rest) if p is not None), None)
+            moved = next((p for p in map(_device_place, rest) if p is not None), None)
             if moved is not None:
                 return moved
             other = next((a for a in rest if isinstance(a, Tensor)), None)
             return self.where(other) if other is not None else self_place
         if kwargs.get("device") is not None:
-            place = self._device_place(kwargs["device"])
-            return place if place is not None or self.whole_program else ACCEL
+            return _device_place(kwargs["device"])
         if not inputs:
             return HOST  # made without a device and without tensor inputs: on the host
         places = {self.where(t) for t in inputs}
@@ -199,15 +174,15 @@ class VirtualAccelerator(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.whole_program and getattr(func, "__self__", None) is _DEVICE_ATTRIBUTE:  # x.device: where x is, as a device the code can pass on
+        if getattr(func, "__self__", None) is _DEVICE_ATTRIBUTE:  # x.device: where x is, as a device to pass on
             real = func(*args)  # meta stays meta
-            return WHOLE_PROGRAM_DEVICE if real.type == "cpu" and self.where(args[0]) == ACCEL else real
+            return ACCELERATOR if real.type == "cpu" and self.where(args[0]) == ACCEL else real
         if getattr(func, "__self__", None) is _DATA_ATTRIBUTE and func.__name__ == "__set__":
             # p.data = moved (Module.to, a cast): p is now where the new data is
             self._tag(args[0], self.where(args[1]))
             return func(*args, **kwargs)
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
-        if _called_from(self.packages):
+        if _checked_call():
             self._check(func, args, kwargs, inputs)
             self.checked += 1
         placement = self._placement(func, args, kwargs, inputs)
@@ -224,4 +199,4 @@ class VirtualAccelerator(TorchFunctionMode):
             self.place[t] = placement
 
 
-__all__ = ["DeviceMismatch", "VirtualAccelerator"]
+__all__ = ["ACCELERATOR", "DeviceMismatch", "VirtualAccelerator"]
