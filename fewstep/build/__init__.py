@@ -24,7 +24,7 @@ from ..schedules import Schedule
 from .checks import check_pairs, check_recipe
 from .data import DATA, build_data, make_prepare, table_prompts
 from .loss import build_loss, check_data
-from .models import LoadedModel, build_model, cast_frozen, cast_teacher, sample_shape
+from .models import LoadedModel, build_model, cast_frozen, cast_teacher, frozen_parts, sample_shape
 from .optim import PhaseOptimizer, build_optimizers
 from .pairs import pairs_job
 from .resolve import split_named
@@ -131,15 +131,6 @@ def build(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None, weigh
                                  progress=tr.progress), sample_fn,
                     make_export(recipe, student, sampler, schedule_spec), evaluate,
                     recipe.evaluation.best if recipe.evaluation is not None else None, frozen_parts(teacher, student))
-
-
-def frozen_parts(*models: LoadedModel) -> list[torch.nn.Module]:
-    """The untrained pipeline parts of ``models`` (a student built from the teacher shares its pipeline): once each."""
-    parts: dict[int, torch.nn.Module] = {}
-    for model in models:
-        if model.pipeline is not None and not model.pipeline.empty:
-            parts.update((id(part), part) for part in model.pipeline.frozen_parts())
-    return list(parts.values())
 
 
 __all__ = ["BuiltRun", "DATA", "LoadedModel", "build", "build_data", "build_model", "check_pairs", "check_recipe",

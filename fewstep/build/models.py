@@ -153,6 +153,15 @@ def cast_teacher(teacher: LoadedModel, dtype: str) -> None:
     cast_frozen(den.net, dtype)
 
 
+def frozen_parts(*models: LoadedModel) -> list[nn.Module]:
+    """The untrained pipeline parts of ``models`` (a student built from the teacher shares its pipeline): once each."""
+    parts: dict[int, nn.Module] = {}
+    for model in models:
+        if model.pipeline is not None and not model.pipeline.empty:
+            parts.update((id(part), part) for part in model.pipeline.frozen_parts())
+    return list(parts.values())
+
+
 def sample_shape(model: LoadedModel) -> tuple[int, ...]:
     den = model.denoiser
     if isinstance(den, MixtureDenoiser):

@@ -12,7 +12,7 @@ from ..denoisers import Denoiser
 from ..errors import FewstepError
 from .checks import check_pairs
 from .data import build_data, make_prepare, table_prompts
-from .models import build_model, cast_teacher, sample_shape
+from .models import build_model, cast_teacher, frozen_parts, sample_shape
 from .sample import describe
 from .schedule import schedule_from
 
@@ -57,4 +57,4 @@ def pairs_job(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None) -
                 steps=p.steps, guidance=p.guidance, spacing=p.spacing, seed=p.seed, shape=sample_shape(teacher),
                 conditions=pair_conditions(dataset, teacher.denoiser), encode=encode,
                 teacher_name=describe(recipe.teacher), encoder_propagation=p.encoder_propagation,
-                frozen=teacher.pipeline.frozen_parts() if teacher.pipeline is not None else [])
+                frozen=frozen_parts(teacher))
