@@ -40,7 +40,7 @@ class TrainSection(LoopSettings):
 RUN_LENGTH_KEYS = {
     "train.max_steps", "train.max_wall_time", "train.resume", "train.overwrite", "train.checkpoint_every",
     "train.keep_checkpoints", "train.log_every", "train.sample_every", "train.eval_every", "train.progress",
-    "train.num_workers", "train.trackers",
+    "train.num_workers", "train.trackers", "train.launch_processes",
 }
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -295,7 +295,8 @@ def validate(raw: dict[str, Any]) -> Recipe:
     if train.compile and train.parallel == "fsdp":
         raise FewstepError("train.compile with train.parallel=fsdp is not supported yet (FSDP2's hooks inside the "
                            "compiled regions are untested here); use one of them")
-    for key in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every"):
+    for key in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every",
+                "launch_processes"):
         if getattr(train, key) < 1:
             raise FewstepError(f"train.{key} must be at least 1, got {getattr(train, key)}")
     for key in ("sample_every", "eval_every", "num_workers", "prompt_table"):

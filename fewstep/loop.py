@@ -34,7 +34,7 @@ from .errors import FewstepError
 from .logwindow import LogWindow
 from .losses.base import DistillationLoss
 from .networks import TrainedNetworks, trainable
-from .settings import LoopSettings
+from .settings import LoopSettings, divisors
 from .sharded_checkpoint import ShardedTrainState
 
 if TYPE_CHECKING:
@@ -91,8 +91,10 @@ def start_accelerator(settings: LoopSettings):
                            "accelerate's would wrap the networks twice); launch with distributed_type MULTI_GPU "
                            "(recipes/accelerate/) and set train.parallel=fsdp to shard")
     if settings.batch_size % acc.num_processes:
-        raise FewstepError(f"train.batch_size {settings.batch_size} does not split evenly across {acc.num_processes} "
-                           f"processes; use a multiple of {acc.num_processes} (it is the batch of all processes together)")
+        raise FewstepError(f"train.batch_size {settings.batch_size} (all processes together) does not split over "
+                           f"{acc.num_processes} processes; valid process counts for it: "
+                           f"{', '.join(map(str, divisors(settings.batch_size)))}, or train.batch_size="
+                           f"{settings.batch_size // acc.num_processes * acc.num_processes or acc.num_processes} here")
     return acc
 
 
@@ -410,9 +412,12 @@ class Loop:
         if resume is not None:
             self.state.restore(resume)
             self.log(f"fewstep: resumed from {resume} at step {self.step}")
-        if self.acc.num_processes > 1 and self.acc.is_main_process:
-            self.log(f"fewstep: {self.acc.num_processes} processes ({self.acc.distributed_type.value}), "
-                     f"{self.plan.b} samples each per micro-batch")
+        n, planned = self.acc.num_processes, self.settings.launch_processes
+        if (n > 1 or planned != 1) and self.acc.is_main_process:
+            note = "" if n == planned else (f"; the recipe is set for {planned} (train.launch_processes: "
+                                            f"{self.settings.batch_size // planned} samples each)")
+            self.log(f"fewstep: {n} process{'es' if n > 1 else ''} ({self.acc.distributed_type.value}), "
+                     f"{self.plan.b} samples each per micro-batch{note}")
         if self.settings.trackers and self.acc.is_main_process:
             self.acc.init_trackers(self.out.name)
         return BatchSource(self.dataset, self.plan, rank=self.acc.process_index, start_step=self.step,

@@ -17,6 +17,7 @@ class LoopSettings:
     output_dir: str = "runs/default"
     max_steps: int = 1000
     batch_size: int = 16  # the batch of all processes together
+    launch_processes: int = 1  # the processes the recipe's batch is set for (batch_size / launch_processes each)
     seed: int = 0
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -38,3 +39,8 @@ class LoopSettings:
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 shards every trained network; fewstep/sharding.py, docs/scaleout.md)
     fsdp_teacher: str = "replicate"  # replicate | shard: the frozen teacher under parallel=fsdp
     compile: bool = False  # torch.compile every network the loss calls, per block (fewstep/compiling.py)
+
+
+def divisors(batch_size: int) -> list[int]:
+    """The process counts a global ``batch_size`` splits over evenly."""
+    return [n for n in range(1, batch_size + 1) if batch_size % n == 0]

@@ -136,7 +136,7 @@ def test_batch_that_does_not_split_is_refused(tmp_path):
     done = launch(["distill", "gmm_teacher", "train.batch_size=5", "train.max_steps=1", *QUIET,
                    f"train.output_dir={tmp_path / 'odd'}"])
     assert done.returncode != 0
-    assert "train.batch_size 5 does not split evenly across 2 processes" in done.stderr
+    assert "train.batch_size 5 (all processes together) does not split over 2 processes; valid process counts for it: 1, 5, or train.batch_size=4 here" in done.stderr
     assert not (tmp_path / "odd").exists()
 
 

@@ -18,7 +18,8 @@ from fewstep.run import stage_recipes
 DOC = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
 SD = tuple(sorted(n for n in available_recipes() if n.startswith(("sd15_", "sdxl_", "sd3_", "sd35_", "flux_"))))
 #: what every SD table must cover (a row whose key ends so, in the base or a stage)
-REQUIRED = ("optimizer.lr", "optimizer.betas", "train.batch_size", "train.max_steps", "train.ema_decay")
+REQUIRED = ("optimizer.lr", "optimizer.betas", "train.batch_size", "train.launch_processes", "train.max_steps",
+            "train.ema_decay")
 
 
 def tables() -> dict[str, list[dict[str, str]]]:
@@ -112,3 +113,19 @@ def test_a_drifted_value_is_caught(tmp_path):
     """The check can fail: a table value that differs from the recipe is reported."""
     assert not same(yaml.safe_load("1.0e-5"), resolve("sd15_dmd", "stages.gan.optimizer.lr"))
     assert same(yaml.safe_load("[0.9, 0.999]"), resolve("sd15_dmd", "optimizer.betas"))
+
+
+@pytest.mark.parametrize("name", SD)
+def test_every_batch_row_states_per_gpu_and_global_and_the_recipe_starts_on_its_launch(name):
+    """A published batch is read per GPU (diffusers' scripts, DMD2, FastGen's dataloader) or in all (FastGen's
+    batch_size_global); fewstep's train.batch_size is always in all. Each batch row says both, and each stage's
+    batch splits over the launch its table documents (train.launch_processes), so the documented launch starts."""
+    rows = [r for r in tables()[name] if r["key"].strip("`").endswith("train.batch_size")]
+    assert rows, name
+    for row in rows:
+        text = f"{row['published']} {row['why']}"
+        assert "per GPU" in text and "global" in text, (name, row)
+    for stage, kind, sub in stage_recipes(load_recipe(name)) or [(name, "distill", load_recipe(name))]:
+        if kind != "pairs":
+            tr = sub.train
+            assert tr.batch_size % tr.launch_processes == 0, (name, stage, tr.batch_size, tr.launch_processes)

@@ -22,7 +22,7 @@ from ..networks import TrainedNetworks, freeze_teacher
 from ..settings import LoopSettings
 from ..schedules import Schedule
 from .checks import check_pairs, check_recipe
-from .data import DATA, build_data, make_prepare, table_prompts
+from .data import DATA, RUN_DRAWS, build_data, make_prepare, prompts_first, run_draws, table_prompts
 from .loss import build_loss, check_data
 from .models import LoadedModel, build_model, cast_frozen, cast_teacher, frozen_parts, sample_shape
 from .optim import PhaseOptimizer, build_optimizers
@@ -95,6 +95,8 @@ def build(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None, weigh
     device (``--dry-run`` sizes it; nothing of such a run can train or sample)."""
     check_recipe(recipe)
     tr = recipe.train
+    # --dry-run (no weights) reports a refused prompt set in a line of its own
+    dataset = prompts_first(recipe, stage_outputs, run_draws(tr), RUN_DRAWS, check=weights)
     schedule, schedule_spec = schedule_from(recipe)
     teacher = build_model(recipe.teacher, "teacher", schedule, stage_outputs=stage_outputs, seed=tr.seed,
                           weights=weights)
@@ -111,7 +113,7 @@ def build(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None, weigh
     # after the loss: a fake score copied from the teacher starts from its float32 weights (DMD2 keeps its fake
     # UNet in float32), not from their teacher_dtype rounding
     cast_teacher(teacher, tr.teacher_dtype)
-    dataset = build_data(recipe, stage_outputs)
+    dataset = build_data(recipe, stage_outputs) if dataset is None else dataset
     check_data(loss, recipe.loss["name"], recipe.data["name"], dataset)
     optimizers, lr_schedulers = build_optimizers(loss, trained, optimizer_specs(recipe, loss), tr.max_steps)
     settings = LoopSettings(**{f.name: getattr(tr, f.name) for f in dataclasses.fields(LoopSettings)})

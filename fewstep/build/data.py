@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..config import Recipe, check_kwargs
 from ..data.plan import ArrayDataset
-from ..errors import lookup
+from ..errors import FewstepError, lookup
 from .resolve import resolve_stage, split_named
 
 
@@ -54,11 +54,38 @@ def _hf(name: str, resolution: int, split: str = "train", image_column: str = "i
                           label_column=label_column, resize=resize)
 
 
-def _prompts(path: str | None = None):
-    """One prompt a line; without a path, fewstep's 40 built-in prompts (fewstep/assets/prompts.txt)."""
+def _prompts(path: str | None = None, dataset: str | None = None, split: str = "train", column: str | None = None,
+             min_prompts: int = 0):
+    """Captions without images: a prompt file (``path``: one prompt a line, or a .csv/.tsv/.jsonl/.json/.parquet
+    file's text ``column``), or a Hugging Face ``dataset``'s text ``column``; neither: fewstep's 40 built-in prompts
+    (fewstep/assets/prompts.txt). ``min_prompts``: the distinct prompts a run that draws more than that many needs
+    (check_prompt_count)."""
+    from ..data.prompts import PromptDataset, hf_prompts, load_prompts
+
+    if path is not None and dataset is not None:
+        raise FewstepError("data: give path (a prompt file) or dataset (a Hugging Face dataset), not both")
+    if min_prompts < 0:
+        raise FewstepError(f"data.min_prompts must be >= 0, got {min_prompts}")
+    if dataset is not None:
+        return PromptDataset(hf_prompts(dataset, split, column), min_prompts)
+    return PromptDataset(load_prompts(path or Path(__file__).parents[1] / "assets" / "prompts.txt", column), min_prompts)
+
+
+def check_prompt_count(dataset, draws: int, what: str) -> None:
+    """Refuse a run that draws ``draws`` prompts (``what``: where that number comes from) from fewer distinct ones
+    than its prompt set's ``min_prompts``, when it draws more than that many: a long run on a handful of prompts
+    learns those prompts, not the teacher."""
     from ..data.prompts import PromptDataset
 
-    return PromptDataset(path or Path(__file__).parents[1] / "assets" / "prompts.txt")
+    if not isinstance(dataset, PromptDataset) or not dataset.min_prompts or draws <= dataset.min_prompts:
+        return
+    distinct = len(set(dataset.prompts))
+    if distinct < dataset.min_prompts:
+        raise FewstepError(
+            f"{distinct:,} distinct prompts for a run that draws {draws:,} ({what}); this recipe needs at least "
+            f"{dataset.min_prompts:,} (data.min_prompts): give data.path=FILE (one prompt a line, or a .csv/.jsonl/"
+            f".parquet text column) or data.dataset=HUB_ID (a caption set, docs/data.md 'Prompt sets'), or draw at "
+            f"most {dataset.min_prompts:,}, or set data.min_prompts=0 to train on these anyway")
 
 
 def _pairs(path: str):
@@ -116,3 +143,23 @@ def make_prepare(pipeline, prompts: list[str] | None = None, progress: bool = Fa
         return batch
 
     return prepare
+
+
+#: where run_draws' number comes from, for messages
+RUN_DRAWS = "train.max_steps x train.batch_size x train.grad_accum"
+
+
+def run_draws(train) -> int:
+    """The data items a training run draws: train.max_steps x train.batch_size x train.grad_accum."""
+    return train.max_steps * train.batch_size * train.grad_accum
+
+
+def prompts_first(recipe: Recipe, stage_outputs: dict[str, Path] | None, draws: int, what: str, check: bool = True):
+    """A ``data: prompts`` set, built and checked against the ``draws`` of the run (check_prompt_count) before any
+    model loads, so a refused prompt set costs no loading; None for other data (built where it always was)."""
+    if recipe.data.get("name") != "prompts":
+        return None
+    dataset = build_data(recipe, stage_outputs)
+    if check:
+        check_prompt_count(dataset, draws, what)
+    return dataset

@@ -11,7 +11,7 @@ from ..data.plan import is_stream
 from ..denoisers import Denoiser
 from ..errors import FewstepError
 from .checks import check_pairs
-from .data import build_data, make_prepare, table_prompts
+from .data import build_data, make_prepare, prompts_first, table_prompts
 from .models import build_model, cast_teacher, frozen_parts, sample_shape
 from .sample import describe
 from .schedule import schedule_from
@@ -45,10 +45,11 @@ def pair_conditions(dataset, teacher: Denoiser) -> Callable[[list[int]], dict[st
 def pairs_job(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None) -> dict[str, Any]:
     """Keyword arguments for fewstep.pairs.generate_pairs from a recipe's teacher, data and pairs sections."""
     check_pairs(recipe)
+    dataset = prompts_first(recipe, stage_outputs, recipe.pairs.num, "pairs.num")
     schedule, _ = schedule_from(recipe)
     teacher = build_model(recipe.teacher, "teacher", schedule, stage_outputs=stage_outputs, seed=recipe.train.seed)
     cast_teacher(teacher, recipe.train.teacher_dtype)
-    dataset = build_data(recipe, stage_outputs)
+    dataset = build_data(recipe, stage_outputs) if dataset is None else dataset
     p = recipe.pairs
     encode = make_prepare(teacher.pipeline, table_prompts(dataset, recipe.train.prompt_table))
     if p.channels_last and hasattr(teacher.denoiser, "net"):

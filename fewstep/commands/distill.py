@@ -39,12 +39,14 @@ def dry_run(recipe, processes: int = 8) -> int:
     print(recipe.to_yaml().rstrip())
     if not recipe.stages:
         print("---")
+        _batch_and_prompts(recipe, "distill", processes)
         _estimate(recipe, {}, processes)
         return 0
     done: dict[str, Path] = {}
     for name, kind, sub in stage_recipes(recipe):
         out = Path(sub.train.output_dir)
         print(f"--- stage {name} ({kind})")
+        _batch_and_prompts(sub, kind, processes)
         if kind == "pairs":
             print(f"  teacher pairs to {out / 'pairs'}")
         else:
@@ -55,6 +57,35 @@ def dry_run(recipe, processes: int = 8) -> int:
         if (out / "DONE").exists():
             done[name] = out
     return 0
+
+
+def _batch_and_prompts(recipe, kind: str, processes: int) -> None:
+    """The batch per process and in all (on the recipe's launch and on ``processes``), and a prompt set's size
+    against what the run draws (fewstep.build.data.check_prompt_count), one line each."""
+    from ..build.data import RUN_DRAWS, build_data, check_prompt_count, run_draws
+    from ..settings import divisors
+
+    tr = recipe.train
+    if kind == "pairs":
+        print(f"  pairs batch: {recipe.pairs.batch_size} per process (pairs.batch_size)")
+    else:
+        planned, b = tr.launch_processes, tr.batch_size
+        here = (f"{b // processes} per process on --num-processes {processes}" if b % processes == 0 else
+                f"does not split over --num-processes {processes} (valid: {', '.join(map(str, divisors(b)))})")
+        print(f"  batch: {b} a micro-batch, all processes together (train.batch_size) = {b // planned} per process x "
+              f"{planned} process{'es' if planned > 1 else ''}, the recipe's launch (train.launch_processes); {here}"
+              f"{f'; x {tr.grad_accum} micro-batches a step' if tr.grad_accum > 1 else ''}")
+    if recipe.data.get("name") != "prompts":
+        return
+    draws, what = ((recipe.pairs.num, "pairs.num") if kind == "pairs" else
+                   (run_draws(tr), RUN_DRAWS))
+    try:
+        dataset = build_data(recipe)
+        check_prompt_count(dataset, draws, what)
+    except FewstepError as e:
+        print(f"  prompts: refused: {e}")
+        return
+    print(f"  prompts: {len(set(dataset.prompts)):,} distinct; the run draws {draws:,} ({what})")
 
 
 def _estimate(recipe, stage_outputs: dict, processes: int) -> None:

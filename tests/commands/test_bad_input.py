@@ -26,11 +26,11 @@ def _cases(tmp, tiny):
     junk = _images(tmp / "junk", extra="notes.pdf")
     small = _images(tmp / "small", size=20)
     return [
-        (["distill", "sd15_dmd", out, "teacher.path=/no/such/model"], "model path /no/such/model does not exist"),
-        (["distill", "sd15_dmd", out, "teacher.path=someorg/somemodel"], "HF_HUB_OFFLINE=1 forbids downloading it"),
-        (["distill", "sd15_dmd", out, f"teacher.path={tmp}"], "is not a diffusers model directory"),
-        (["distill", "sd15_dmd", out, f"teacher.path={sd}", f"data.path={empty}"], "no prompts"),
-        (["distill", "sd15_dmd", out, f"teacher.path={sd}", "data.path=/no/prompts.txt"], "/no/prompts.txt"),
+        (["distill", "sd15_dmd", out, "data.min_prompts=0", "teacher.path=/no/such/model"], "model path /no/such/model does not exist"),
+        (["distill", "sd15_dmd", out, "data.min_prompts=0", "teacher.path=someorg/somemodel"], "HF_HUB_OFFLINE=1 forbids downloading it"),
+        (["distill", "sd15_dmd", out, "data.min_prompts=0", f"teacher.path={tmp}"], "is not a diffusers model directory"),
+        (["distill", "sd15_dmd", out, "data.min_prompts=0", f"teacher.path={sd}", f"data.path={empty}"], "no prompts"),
+        (["distill", "sd15_dmd", out, "data.min_prompts=0", f"teacher.path={sd}", "data.path=/no/prompts.txt"], "/no/prompts.txt"),
         (["distill", "sd15_lcm_lora", out, f"teacher.path={sd}", f"data.root={gray}", "data.resolution=32"],
          "unsupported image mode CMYK"),
         (["distill", "sd15_lcm_lora", out, f"teacher.path={sd}", f"data.root={junk}", "data.resolution=32"],
@@ -46,7 +46,7 @@ def _cases(tmp, tiny):
         (["distill", "sd15_lcm_lora", out, f"teacher.path={sd}", "lora.rank=0"], "lora.rank must be at least 1"),
         (["distill", "gmm_fdistill", out, "loss.divergence=jensen-shannon"], "unknown divergence 'jensen-shannon'; valid:"),
         (["distill", "gmm_fdistill", out, "loss.fake_init=copy"], "unknown fake_init 'copy'"),
-        (["distill", "sd15_dmd", out, f"teacher.path={sd}", "loss.divergence=forward_kl"], "needs gan_weight > 0"),
+        (["distill", "sd15_dmd", out, "data.min_prompts=0", f"teacher.path={sd}", "loss.divergence=forward_kl"], "needs gan_weight > 0"),
         (["distill", "sd15_lcm", out, f"teacher.path={sd}", "loss.guidance_min=5", "loss.guidance_max=2"],
          "exceeds guidance_max"),
         (["distill", "gmm_cd", out, "loss.solver=rk4"], "unknown solver 'rk4'"),
