@@ -62,7 +62,9 @@ def with_guidance_embedding(unet, dim: int):
     """A copy of a UNet2DConditionModel with LCM's guidance-scale embedding input (``time_cond_proj_dim``).
 
     The new projection (time_embedding.cond_proj) starts at zero, so the copy computes exactly what
-    the original does until training moves it (Luo et al. 2023 add it the same way).
+    the original does until training moves it. Luo et al.'s code (luosiallen/latent-consistency-model) and diffusers'
+    ``train_lcm_distill_sd_wds.py`` leave it at PyTorch's random Linear init instead, which adds a guidance-dependent
+    offset to every timestep embedding from the first step (docs/recipes.md, sd15_lcm).
     """
     from diffusers import UNet2DConditionModel
 

@@ -96,6 +96,12 @@ class DistillationLoss(nn.Module):
         later stage's missing file is reported before the first stage starts."""
 
     @classmethod
+    def grads_through_teacher(cls, **settings: Any) -> bool:
+        """Whether a trained term's gradient crosses the frozen teacher's network (f-distill's GAN head on its
+        features): then its train.teacher_dtype must keep that gradient (benchmarks/precision.py)."""
+        return False
+
+    @classmethod
     def phase_cycle(cls, **settings: Any) -> tuple[str, ...]:
         """The phases a loss with these settings runs, in the order they repeat (f-distill: k fake-score
         steps, then a generator step)."""

@@ -106,6 +106,9 @@ class FDivergenceLoss(DistillationLoss):
         fake_updates: fake-score (and discriminator) updates per generator update (TTUR; DMD2: 10 for SD 1.5, 5 SDXL).
         gan_weight: weight of the generator's GAN term (f-distill needs > 0 unless reverse_kl; DMD2 SD1.5 ~1e-3).
         t_min, t_max: fractions of T for the distribution-matching timesteps (0.02, 0.98).
+        fake_t_min, fake_t_max: fractions of T for the fake score's denoising loss (and the discriminator, which
+            trains on the same samples); None: t_min, t_max (FastGen). DMD2 draws them from all of [0, T)
+            (``main/sd_guidance.py`` ``compute_loss_fake``: randint(0, num_train_timesteps)): 0.0 and 0.999.
         steps: k generator steps (1: one step at t = T - 1; 4: DMD2's 999, 749, 499, 249, trained by
             backward simulation: inputs come from the student's own sampler).
         timesteps: the k generator timesteps instead of the trailing grid (DMD2 SDXL one step: [399], its
@@ -135,7 +138,8 @@ class FDivergenceLoss(DistillationLoss):
 
     def __init__(self, *, fake_score: Any = None, discriminator: nn.Module | None = None, divergence: str = "reverse_kl",
                  guidance: float | None = None, fake_updates: int = 5,
-                 gan_weight: float = 0.0, t_min: float = 0.02, t_max: float = 0.98, steps: int = 1,
+                 gan_weight: float = 0.0, t_min: float = 0.02, t_max: float = 0.98,
+                 fake_t_min: float | None = None, fake_t_max: float | None = None, steps: int = 1,
                  timesteps: list[int] | None = None, ratio_bins: int = 0, ratio_momentum: float = 0.99, regression_weight: float = 0.0,
                  sample_shape: tuple[int, ...] | None = None, fake_init: str | None = None, fake_lora_rank: int = 64,
                  fake_lora_targets: list[str] | None = None, fake_from: str | None = None,
@@ -159,8 +163,12 @@ class FDivergenceLoss(DistillationLoss):
             raise FewstepError(f"loss.timesteps has {len(timesteps)} values but loss.steps is {steps}; give one "
                                "timestep per generator step")
         self.timesteps = None if timesteps is None else [int(t) for t in timesteps]
-        if not 0.0 <= t_min < t_max <= 1.0:
-            raise FewstepError(f"need 0 <= t_min < t_max <= 1, got {t_min}, {t_max}")
+        fake_t_min = t_min if fake_t_min is None else fake_t_min
+        fake_t_max = t_max if fake_t_max is None else fake_t_max
+        for lo, hi, names in ((t_min, t_max, "t_min < t_max"), (fake_t_min, fake_t_max, "fake_t_min < fake_t_max")):
+            if not 0.0 <= lo < hi <= 1.0:
+                raise FewstepError(f"need 0 <= {names} <= 1, got {lo}, {hi}")
+        self.fake_t_min, self.fake_t_max = fake_t_min, fake_t_max
         if gan_weight < 0 or regression_weight < 0:
             raise FewstepError("gan_weight and regression_weight must be >= 0")
         self.uses_ratio = divergence != "reverse_kl"
@@ -187,6 +195,11 @@ class FDivergenceLoss(DistillationLoss):
     def has_discriminator(cls, **settings: Any) -> bool:
         s = cls.settings(**settings)
         return s["divergence"] != "reverse_kl" or s["gan_weight"] > 0
+
+    @classmethod
+    def grads_through_teacher(cls, **settings: Any) -> bool:
+        """The generator's GAN term and r(x) reach x through the teacher's features (FeatureDiscriminator)."""
+        return cls.has_discriminator(**settings)
 
     @classmethod
     def phase_cycle(cls, **settings: Any) -> tuple[str, ...]:
@@ -258,9 +271,10 @@ class FDivergenceLoss(DistillationLoss):
         return {"fake_score": (self.fake_lora_rank, list(self.fake_lora_targets), "fake_init: teacher_lora")}
 
     # ------------------------------------------------------------------ pieces
-    def _t_dm(self, rng: SampleRNG, T: int) -> Tensor:
-        lo, hi = int(self.t_min * T), int(self.t_max * T)
-        return rng.randint(lo, hi + 1).double()
+    def _t_dm(self, rng: SampleRNG, T: int, phase: str = "generator") -> Tensor:
+        """t ~ U{t_min T .. t_max T} (the fake score's phase: fake_t_min, fake_t_max)."""
+        lo, hi = (self.t_min, self.t_max) if phase == "generator" else (self.fake_t_min, self.fake_t_max)
+        return rng.randint(int(lo * T), int(hi * T) + 1).double()
 
     def generate(self, student, z: Tensor, cond, rng: SampleRNG, grad: bool) -> Tensor:
         """x = G(z): one step at the top timestep, or k steps with re-noising (backward simulation: the
@@ -313,7 +327,7 @@ class FDivergenceLoss(DistillationLoss):
         shape = self.sample_shape if ref is None else tuple(ref.shape[1:])
         z = batch["noise"].float() if "noise" in batch else rng.randn(*shape)
         eps = rng.randn(*shape)
-        t = self._t_dm(rng, student.schedule.num_train_timesteps)
+        t = self._t_dm(rng, student.schedule.num_train_timesteps, phase)
         step = lookup({"fake_score": self.fake_score_step, "generator": self.generator_step}, phase, "phase")
         return step(batch, student, teacher, rng=rng, z=z, eps=eps, t=t, cond=student.batch_cond(batch))
 

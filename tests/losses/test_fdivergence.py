@@ -1,4 +1,6 @@
 """f-divergence distribution matching: DMD equivalence at h = 1, the h(r) family, phases, ratio bins."""
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -356,3 +358,29 @@ def test_the_networks_a_loss_creates_start_from_the_run_seed_whatever_the_global
 
     a, b, c = disc(1), disc(2), disc(1, run_seed=5)
     assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_the_fake_score_trains_on_its_own_timesteps_and_the_generator_on_the_matching_ones():
+    """DMD2 (main/sd_guidance.py): the fake UNet's denoising loss draws t from all of [0, T) while the
+    distribution-matching loss draws from [0.02 T, 0.98 T]. fake_t_min/fake_t_max give the fake phase its own range;
+    unset, both phases share t_min..t_max (FastGen). Checked on the t each phase hands its networks."""
+    from fewstep.rng import SampleRNG
+
+    loss = FDivergenceLoss(fake_score=torch.nn.Identity(), t_min=0.02, t_max=0.98, fake_t_min=0.0, fake_t_max=0.999)
+    rng = SampleRNG(torch.arange(20000), torch.device("cpu"))
+    fake, gen = loss._t_dm(rng, 1000, "fake_score"), loss._t_dm(rng, 1000, "generator")
+    assert fake.min() == 0 and fake.max() == 999 and gen.min() == 20 and gen.max() == 980
+    assert set(fake.long().tolist()) == set(range(1000)) and set(gen.long().tolist()) == set(range(20, 981))
+    shared = FDivergenceLoss(fake_score=torch.nn.Identity(), t_min=0.001, t_max=0.999)
+    assert (shared.fake_t_min, shared.fake_t_max) == (0.001, 0.999)
+    with pytest.raises(FewstepError, match="need 0 <= fake_t_min < fake_t_max <= 1, got 0.5, 0.2"):
+        FDivergenceLoss(fake_score=torch.nn.Identity(), fake_t_min=0.5, fake_t_max=0.2)
+    # forward hands each phase's step the t of its own range
+    seen = {}
+    student = types.SimpleNamespace(net=torch.nn.Linear(1, 1), schedule=VPSchedule.from_betas(**SD), batch_cond=lambda b: None)
+    loss.sample_shape = (2,)
+    for phase in ("fake_score", "generator"):
+        setattr(loss, f"{phase}_step", lambda batch, st, te, *, t, phase=phase, **kw: seen.setdefault(phase, t))
+        loss.forward(phase, {"seeds": torch.arange(4000)}, student, None)
+    assert seen["fake_score"].min() < 20 and seen["fake_score"].max() > 980
+    assert seen["generator"].min() >= 20 and seen["generator"].max() <= 980
