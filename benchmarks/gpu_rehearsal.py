@@ -405,10 +405,11 @@ def latency_table(rows: list[dict]) -> str:
 def precision_table(rows: list[dict]) -> str:
     if rows and "error" in rows[0]:
         return f"precision check: error: {rows[0]['error']}"
-    out = ["| teacher dtype (loop autocast bf16) | cosine vs float32 | exact zeros in dL/dx | exact zeros at mid-block | "
-           "median abs dL/dx | batch, latent |", "|---|---|---|---|---|---|"]
+    out = ["| gradient path | teacher dtype (loop autocast bf16) | cosine vs float32 | exact zeros | exact zeros at "
+           "mid-block | median abs gradient | batch, latent |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['teacher_dtype']} | {r['cosine']:.4f} | {r['zeros']:.3f} | {r['mid_zeros']:.3f} | "
+        mid = f"{r['mid_zeros']:.3f}" if "mid_zeros" in r else ""
+        out.append(f"| {r['path']} | {r['teacher_dtype']} | {r['cosine']:.4f} | {r['zeros']:.3f} | {mid} | "
                    f"{r['median_abs']:.3g} | {r['batch']}, {r['latent']} |")
     return "\n".join(out)
 

@@ -4,11 +4,14 @@ against the same computation in float32.
     python benchmarks/precision.py [--recipe sd15_fdistill_js] [--batch 8] [--latent 64] [--out precision.json]
     python benchmarks/precision.py --tiny          # the tiny SD fixture: the same code in seconds (the test suite's)
 
-The path: f-distill's generator GAN term, gan_weight * softplus(-D(x_t)), where D is fewstep's FeatureDiscriminator
-(a fresh head on the frozen teacher's mid-block features, fewstep/discriminators.py), back through the teacher to
-the generator's sample x. For each teacher dtype the gradient dL/dx is compared with float32's (the teacher in
-float32, no autocast): its cosine (>= 0.99 passes), its fraction of exact zeros (float32's is 0), and the median
-|dL/dx| and |dL/dmid| (the gradient reaching the mid-block's output). The teacher runs as the loop runs it: in
+The paths: (gan) f-distill's generator GAN term, gan_weight * softplus(-D(x_t)), where D is fewstep's
+FeatureDiscriminator (a fresh head on the frozen teacher's mid-block features, fewstep/discriminators.py), back
+through the teacher to the generator's sample x; (teacher_lora) the fake score's denoising loss on float32 LoRA
+adapters (rank 64) on the frozen teacher (``fake_init: teacher_lora``, sd15_fdistill_lora), to the adapters. For
+each teacher dtype the gradient is compared with float32's (the teacher in float32, no autocast): its cosine
+(>= 0.99 passes), its fraction of exact zeros (float32's is 0; for the adapters, over the entries float32 gives a
+nonzero gradient: LoRA's B starts at zero, so A's gradient is zero at step 0), the median absolute gradient, and
+for gan the zeros of dL/dmid (the gradient reaching the mid-block's output). The teacher runs as the loop runs it: in
 train.teacher_dtype, outside the run's autocast (fewstep/denoisers/base.py); the head in float32.
 
 The network is SD 1.5's UNet at its published config (benchmarks/gpu_rehearsal.py SD15_UNET) with random weights
@@ -92,21 +95,75 @@ def gan_gradient(unet, dtype: torch.dtype, x: torch.Tensor, t: torch.Tensor, con
     return x.grad.detach().float(), mid["out"].grad.detach().float(), disc.state_dict()
 
 
+def lora_fake_gradient(unet, dtype: torch.dtype, x: torch.Tensor, t: torch.Tensor, cond: dict, autocast: str | None,
+                       rank: int = 64) -> torch.Tensor:
+    """The fake score's denoising-loss gradient on its LoRA adapters (``fake_init: teacher_lora``: float32 adapters
+    on the frozen teacher in ``dtype``, fewstep/losses/fdivergence.py), all adapter gradients in one vector."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from fewstep.denoisers.unet import UNetDenoiser
+    from fewstep.losses.fdivergence import FAKE_LORA_TARGETS
+    from fewstep.lora import default_targets, inject_lora
+    from fewstep.schedules import VPSchedule
+
+    schedule = VPSchedule.from_betas()
+    net = copy.deepcopy(unet).to(x.device, dtype).requires_grad_(False)
+    inject_lora(net, rank=rank, alpha=None, target_modules=default_targets(net, FAKE_LORA_TARGETS),
+                adapter_name="fake_score")
+    adapters = [p for n, p in net.named_parameters() if "lora_" in n]
+    for p in adapters:
+        p.data = p.data.float()
+    fake = UNetDenoiser(net, schedule, "epsilon")
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(x.device)
+    kind = x.device.type
+    ctx = torch.autocast(kind, dtype=DTYPES[autocast]) if autocast else torch.autocast(kind, enabled=False)
+    with ctx:
+        x_t = schedule.add_noise(x, eps, t)
+        loss = F.mse_loss(fake.native(x_t, t, cond).float(), fake.native_target(x, eps, t).float())
+    loss.backward()
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in adapters])
+
+
 def precision_rows(unet, x: torch.Tensor, t: torch.Tensor, cond: dict, gan_weight: float, autocast: str | None,
-                   dtypes: list[str]) -> list[dict]:
-    """float32's row (no autocast), then one per teacher dtype under the run's ``autocast``, compared with it."""
+                   dtypes: list[str], paths: tuple[str, ...] = ("gan", "teacher_lora")) -> list[dict]:
+    """Per path, float32's row (no autocast), then one per teacher dtype under the run's ``autocast``, compared with
+    it: the GAN term's dL/dx through the teacher's features, and the teacher_lora fake score's adapter gradient."""
+    rows = precision_gan(unet, x, t, cond, gan_weight, autocast, dtypes) if "gan" in paths else []
+    if "teacher_lora" in paths:
+        rows += precision_teacher_lora(unet, x, t, cond, autocast, dtypes)
+    for row in rows:
+        if row["teacher_dtype"] != "float32":
+            row["passes"] = row["cosine"] >= MIN_COSINE and math.isfinite(row["cosine"])
+    return rows
+
+
+def precision_gan(unet, x, t, cond, gan_weight: float, autocast: str | None, dtypes: list[str]) -> list[dict]:
     start = time.perf_counter()
     ref_x, ref_mid, head = gan_gradient(unet, torch.float32, x, t, cond, gan_weight, None)
-    rows = [{"teacher_dtype": "float32", "autocast": None, "seconds": round(time.perf_counter() - start, 1),
+    rows = [{"path": "gan", "teacher_dtype": "float32", "autocast": None, "seconds": round(time.perf_counter() - start, 1),
              **compare(ref_x, ref_x), "mid_median_abs": ref_mid.abs().median().item(), "mid_zeros": 0.0}]
     for name in dtypes:
         start = time.perf_counter()
         gx, gmid, _ = gan_gradient(unet, DTYPES[name], x, t, cond, gan_weight, autocast, head)
-        row = {"teacher_dtype": name, "autocast": autocast, "seconds": round(time.perf_counter() - start, 1),
-               **compare(gx, ref_x), "mid_median_abs": gmid.abs().median().item(),
-               "mid_zeros": (gmid == 0).float().mean().item()}
-        row["passes"] = row["cosine"] >= MIN_COSINE and math.isfinite(row["cosine"])
-        rows.append(row)
+        rows.append({"path": "gan", "teacher_dtype": name, "autocast": autocast,
+                     "seconds": round(time.perf_counter() - start, 1), **compare(gx, ref_x),
+                     "mid_median_abs": gmid.abs().median().item(), "mid_zeros": (gmid == 0).float().mean().item()})
+    return rows
+
+
+def precision_teacher_lora(unet, x, t, cond, autocast: str | None, dtypes: list[str]) -> list[dict]:
+    start = time.perf_counter()
+    ref = lora_fake_gradient(unet, torch.float32, x, t, cond, None)
+    nonzero = ref != 0  # LoRA's B starts at zero, so A's gradient is exactly zero in every dtype at step 0: left out
+    rows = [{"path": "teacher_lora", "teacher_dtype": "float32", "autocast": None,
+             "seconds": round(time.perf_counter() - start, 1), **compare(ref[nonzero], ref[nonzero])}]
+    for name in dtypes:
+        start = time.perf_counter()
+        g = lora_fake_gradient(unet, DTYPES[name], x, t, cond, autocast)
+        rows.append({"path": "teacher_lora", "teacher_dtype": name, "autocast": autocast,
+                     "seconds": round(time.perf_counter() - start, 1), **compare(g[nonzero], ref[nonzero])})
     return rows
 
 
@@ -119,7 +176,9 @@ def inputs(unet, batch: int, latent: int, t: int, seed: int, device: str = "cpu"
 
 
 def compare(g: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
-    cos = torch.nn.functional.cosine_similarity(g.flatten(), ref.flatten(), dim=0).item()
+    a, b = g.flatten().double(), ref.flatten().double()  # float64: millions of entries sum without float32's error
+    norms = (a.norm() * b.norm()).item()
+    cos = (a @ b).item() / norms if norms > 0 else 0.0  # an all-zero gradient points nowhere: 0
     return {"cosine": cos, "zeros": (g == 0).float().mean().item(), "median_abs": g.abs().median().item()}
 
 
@@ -129,6 +188,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None, help="default: the recipe's per-GPU batch")
     p.add_argument("--latent", type=int, default=None, help="latent size; default: the recipe's resolution / 8")
     p.add_argument("--dtypes", default="float16,bfloat16", help="teacher dtypes to compare with float32")
+    p.add_argument("--paths", default="gan,teacher_lora", help="which gradient paths (gan, teacher_lora)")
     p.add_argument("--tiny", action="store_true", help="the tiny SD fixture's UNet (seconds)")
     p.add_argument("--teacher", default=None, help="a diffusers SD 1.5 pipeline directory: its trained UNet")
     p.add_argument("--seed", type=int, default=0)
@@ -153,21 +213,24 @@ def main(argv=None) -> int:
           f"{'tiny' if args.tiny else 'SD 1.5-sized'} UNet ({sum(q.numel() for q in unet.parameters()) / 1e6:.0f}M), "
           f"batch {batch}, latent {latent}x{latent}, t {args.t}, loop autocast {autocast or 'none'}; recipe teacher_dtype "
           f"{tr.teacher_dtype}", flush=True)
-    rows = precision_rows(unet, x, t, cond, gan_weight, autocast, args.dtypes.split(","))
-    print(f"{'teacher dtype':<14}{'cosine vs fp32':>15}{'zeros dL/dx':>13}{'median |dL/dx|':>16}{'zeros at mid':>14}"
-          f"{'median |dL/dmid|':>18}{'s':>7}")
+    rows = precision_rows(unet, x, t, cond, gan_weight, autocast, args.dtypes.split(","), tuple(args.paths.split(",")))
+    print(f"{'path':<14}{'teacher dtype':<14}{'cosine vs fp32':>15}{'zeros':>8}{'median |grad|':>15}"
+          f"{'zeros at mid':>14}{'s':>7}")
     for r in rows:
-        print(f"{r['teacher_dtype']:<14}{r['cosine']:>15.4f}{r['zeros']:>13.3f}{r['median_abs']:>16.3g}"
-              f"{r['mid_zeros']:>14.3f}{r['mid_median_abs']:>18.3g}{r['seconds']:>7}"
-              f"{'' if 'passes' not in r else ('  pass' if r['passes'] else '  FAIL')}")
+        mid = f"{r['mid_zeros']:>14.3f}" if "mid_zeros" in r else " " * 14
+        print(f"{r['path']:<14}{r['teacher_dtype']:<14}{r['cosine']:>15.4f}{r['zeros']:>8.3f}{r['median_abs']:>15.3g}"
+              f"{mid}{r['seconds']:>7}{'' if 'passes' not in r else ('  pass' if r['passes'] else '  FAIL')}")
     if args.out:
         out = Path(args.out)
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(json.dumps({"recipe": args.recipe, "batch": batch, "latent": latent, "t": args.t,
                                    "gan_weight": gan_weight, "tiny": args.tiny, "rows": rows}, indent=1))
         tmp.replace(out)
-    recipe_row = next((r for r in rows if r["teacher_dtype"] == tr.teacher_dtype and "passes" in r), None)
-    return 0 if recipe_row is None or recipe_row["passes"] else 1
+    # the recipe's teacher dtype on the paths it trains through (its GAN head; its LoRA fake score if it has one)
+    paths = {"gan"} | ({"teacher_lora"} if gan.loss.get("fake_init") == "teacher_lora" else set())
+    mine = [r for r in rows if r["teacher_dtype"] == tr.teacher_dtype and r["path"] in paths and "passes" in r]
+    mine = mine or [{"passes": True}]  # the recipe's own dtype not among those compared: nothing to judge
+    return 0 if all(r["passes"] for r in mine) else 1
 
 
 if __name__ == "__main__":

@@ -31,10 +31,10 @@ def check_recipe(recipe: Recipe) -> None:
     if (recipe.train.teacher_dtype == "float16" and recipe.teacher.kind not in ("none", "mixture")
             and cls.grads_through_teacher(**loss_kw)):
         raise FewstepError(
-            "train.teacher_dtype float16 with a GAN head on the teacher's features (loss.gan_weight > 0 or a divergence "
-            "other than reverse_kl): the generator's gradient crosses the frozen teacher in float16 and underflows "
-            "(benchmarks/precision.py, SD 1.5 at 512 px: cosine 0.10 against float32); use bfloat16 (DMD2's and "
-            "FastGen's compute precision) or float32")
+            "train.teacher_dtype float16 where a trained gradient crosses the frozen teacher (a GAN head on its features: "
+            "loss.gan_weight > 0 or a divergence other than reverse_kl; or loss.fake_init teacher_lora): in float16 it "
+            "underflows (benchmarks/precision.py, SD 1.5 at 512 px: the GAN gradient 100 % zeros at batch 8); use "
+            "bfloat16 (DMD2's and FastGen's compute precision) or float32")
     if not recipe.data:
         raise FewstepError("missing section data (with data.name)")
     name, kw = split_named(recipe.data)

@@ -198,8 +198,9 @@ class FDivergenceLoss(DistillationLoss):
 
     @classmethod
     def grads_through_teacher(cls, **settings: Any) -> bool:
-        """The generator's GAN term and r(x) reach x through the teacher's features (FeatureDiscriminator)."""
-        return cls.has_discriminator(**settings)
+        """The generator's GAN term and r(x) reach x through the teacher's features (FeatureDiscriminator); a
+        ``teacher_lora`` fake score's loss reaches its adapters through the frozen teacher."""
+        return cls.has_discriminator(**settings) or cls.settings(**settings)["fake_init"] == "teacher_lora"
 
     @classmethod
     def phase_cycle(cls, **settings: Any) -> tuple[str, ...]:

@@ -51,7 +51,9 @@ def _cases(tmp, tiny):
          "exceeds guidance_max"),
         (["distill", "gmm_cd", out, "loss.solver=rk4"], "unknown solver 'rk4'"),
         (["distill", "sd15_fdistill_js", out, f"teacher.path={sd}", "train.teacher_dtype=float16"],
-         "train.teacher_dtype float16 with a GAN head on the teacher's features"),  # benchmarks/precision.py
+         "train.teacher_dtype float16 where a trained gradient crosses the frozen teacher"),  # benchmarks/precision.py
+        (["distill", "sd15_fdistill_lora", out, f"teacher.path={sd}", "train.teacher_dtype=float16",
+          "loss.divergence=reverse_kl", "loss.gan_weight=0"], "or loss.fake_init teacher_lora): in float16"),
         (["distill", "sd15_lcm", out, "teacher.kind=none"], "needs a teacher"),
         (["distill", "digits_teacher", out, "data.classes=[11]"], "unknown digit class(es) [11]; valid: 0..9"),
         (["distill", "gmm_teacher", out, "sample.steps=0"], "sample.steps and sample.num must be at least 1"),
