@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import yaml
 
 from .errors import FewstepError, check_choice
 from .settings import PARALLEL, TEACHER_PLACEMENT, LoopSettings
+from .yaml_core import load_yaml
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -156,8 +158,16 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+#: a number's spelling (YAML 1.2 core's float and decimal int), for a quoted number read as a float or an int
+_NUMBER = re.compile(r"^\s*[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?\s*$")
+#: booleans as users type them (YAML 1.1's words too), for a setting declared bool
+_BOOLS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
 def coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against annotation ``tp``; ints are accepted for floats. Raise a one-line error."""
+    """``value`` read as annotation ``tp`` declares, whatever YAML made of it: a float or an int from a number or a
+    quoted number (``'1e-4'``, ``1E5`` for an int when whole), a bool from true/false/yes/no/on/off in any case, a
+    string from a number or a boolean as written. Anything else raises a one-line error (docs/cli.md)."""
     if tp is Any or tp is inspect.Parameter.empty:
         return value
     origin = get_origin(tp)
@@ -185,18 +195,28 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise FewstepError(f"{key}: expected true or false, got {value!r}")
+        if isinstance(value, str) and value.strip().lower() in _BOOLS:
+            return _BOOLS[value.strip().lower()]
+        raise FewstepError(f"{key}: expected true or false (or yes/no, on/off), got {value!r}")
+    if isinstance(value, str) and tp in (float, int) and _NUMBER.match(value):
+        value = float(value) if tp is float or not value.strip().lstrip("+-").isdigit() else int(value)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         raise FewstepError(f"{key}: expected a number, got {value!r}")
     if tp is int:
+        if isinstance(value, float) and value.is_integer():  # 1E5, 1e3: whole numbers written as floats
+            return int(value)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise FewstepError(f"{key}: expected an integer, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (int, float)):
+            return str(value)
         raise FewstepError(f"{key}: expected a string, got {value!r}")
     return value
 
@@ -376,7 +396,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise FewstepError(f"override {text!r} has an empty key part")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = load_yaml(value) if value.strip() else None
     except yaml.YAMLError:
         parsed = value
     return parts, parsed
@@ -403,7 +423,9 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
     """Read, override and validate a recipe."""
     path = find_recipe(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise FewstepError(f"{path} is not a text file (not UTF-8); a recipe is YAML (see `fewstep ls`, recipes/)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

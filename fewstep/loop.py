@@ -80,6 +80,9 @@ def start_accelerator(settings: LoopSettings):
     # accelerate keeps one state per process; a new run (a test, the next stage) may ask for another
     # precision. The process group (PartialState) stays.
     AcceleratorState._reset_state(reset_partial_state=False)
+    if settings.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise FewstepError("train.mixed_precision fp16 on a CPU: CPUs have no fast float16 kernels (an SD step ran 9x "
+                           "slower than float32) and nothing to scale losses for; use no or bf16 here, fp16 on a GPU")
     try:
         acc = Accelerator(mixed_precision=settings.mixed_precision, cpu=not torch.cuda.is_available(),
                           log_with=list(settings.trackers) or None, project_dir=str(settings.output_dir))

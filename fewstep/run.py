@@ -13,14 +13,15 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 
 import torch
 
 from .config import (RUN_LENGTH_KEYS, Recipe, apply_overrides, load_recipe, parse_override, run_differences,
                      split_stage_overrides, stage_override, validate)
 from .errors import FewstepError
+from . import runlock
 from .io import write_text_atomic
+from .yaml_core import load_yaml
 from .loop import Loop, LoopResult
 
 RUN_FILES = ("checkpoints", "final", "best", "samples", "log.jsonl", "recipe.yaml", ".final.tmp", ".best.tmp", "DONE", "pairs",
@@ -41,10 +42,31 @@ def prepare_run_dir(recipe: Recipe) -> Path:
     state = processes()
     out = check_run_dir(recipe)
     state.wait_for_everyone()  # all have looked before the main process writes
+    refused = None
+    if state.is_main_process:  # one live run per directory: the launch's main process holds the lock
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            runlock.acquire(out)
+        except FewstepError as e:
+            refused = str(e)
+    refused = from_main(state, refused)
+    if refused is not None:
+        raise FewstepError(refused)
     if state.is_main_process:
         _write_run_dir(recipe)
     state.wait_for_everyone()
     return out
+
+
+def from_main(state, value):
+    """The main process's ``value`` on every process of the launch."""
+    if state.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
 
 
 def mark_done(recipe: Recipe, text: str) -> None:
@@ -61,6 +83,8 @@ def check_writable(out: Path, key: str = "train.output_dir") -> None:
     mounts)."""
     import tempfile
 
+    if out.exists() and not out.is_dir():
+        raise FewstepError(f"{key} {out} is a file, not a directory; choose another {key}")
     probe = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
     if not probe.is_dir():
         raise FewstepError(f"{key} {out} cannot be created: {probe} is not a directory")
@@ -79,13 +103,13 @@ def check_run_dir(recipe: Recipe) -> Path:
     saved = out / "recipe.yaml"
     overwrite = recipe.train.overwrite
     if saved.exists():
-        old = yaml.safe_load(saved.read_text()) or {}
+        old = load_yaml(saved.read_text()) or {}
         diff = run_differences(old, recipe.raw)
         if diff and not overwrite:
             shown = ", ".join(diff[:4]) + (", ..." if len(diff) > 4 else "")
             raise FewstepError(f"{out} holds a run of a different recipe (differs in {shown}); choose another "
                                f"train.output_dir or set train.overwrite=true to start over")
-    elif out.exists() and any(out.iterdir()) and not overwrite:
+    elif out.exists() and any(p.name != runlock.LOCK_NAME for p in out.iterdir()) and not overwrite:
         raise FewstepError(f"{out} exists, is not empty and holds no fewstep run; choose another train.output_dir "
                            f"or set train.overwrite=true")
     if not overwrite and recipe.train.resume == "none" and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
@@ -162,9 +186,11 @@ def stage_recipes(recipe: Recipe) -> list[tuple[str, str, Recipe]]:
 
     Kinds: ``distill`` (the default) and ``pairs`` merge the stage's keys into the base recipe;
     ``recipe`` runs another recipe (``recipe: NAME``) with the stage's other keys merged into it.
-    Command-line overrides change the base recipe (so a stage's own keys win over them), except
-    run-length keys (``train.max_steps``, ``train.resume``, ...), which apply to every stage, and
-    ``stages.NAME.KEY=VALUE``, which applies to stage NAME over its own keys.
+    Command-line overrides change the base recipe and, where a stage restates the same key of the same section
+    itself, that stage too (the command line wins: ``loss.fake_updates=1`` reaches sd15_dmd's gan stage; not a
+    stage's other loss or model, nor its ``stage:NAME`` references: ``_shadows``); run-length
+    keys (``train.max_steps``, ``train.resume``, ...) apply to every stage; ``stages.NAME.KEY=VALUE`` applies to
+    stage NAME over its own keys.
     """
     base = {k: v for k, v in recipe.raw.items() if k != "stages"}
     plain, staged = split_stage_overrides(recipe.overrides)
@@ -185,13 +211,31 @@ def stage_recipes(recipe: Recipe) -> list[tuple[str, str, Recipe]]:
             raw = merge_stage({k: v for k, v in other.raw.items() if k != "stages"}, stage)
         else:
             raw = merge_stage(base, stage)
-        raw = apply_overrides(raw, run_length + [o for n, o in map(stage_override, staged) if n == name])
+        shadowed = [o for o in plain if o not in run_length and kind != "recipe"
+                    and _shadows(base, stage, parse_override(o)[0])]
+        raw = apply_overrides(raw, run_length + shadowed + [o for n, o in map(stage_override, staged) if n == name])
         raw.setdefault("train", {})
         raw["train"] = {**raw["train"], "output_dir": str(Path(recipe.train.output_dir) / name)}
         raw["name"] = f"{recipe.name}/{name}"
         sub = validate(raw)
         out.append((name, "pairs" if kind == "pairs" else "distill", sub))
     return out
+
+
+def _shadows(base: dict[str, Any], stage: dict[str, Any], parts: list[str]) -> bool:
+    """Whether a stage's own keys restate the dotted key ``parts`` of the base recipe's same section: not when the
+    stage's section is another one (another loss ``name``, model ``kind``: merge_stage replaces it), nor when its
+    value names an earlier stage (``stage:NAME``)."""
+    own, top = stage.get(parts[0]), base.get(parts[0])
+    if isinstance(own, dict) and isinstance(top, dict) and any(
+            tag in own and tag in top and own[tag] != top[tag] for tag in ("name", "kind")):
+        return False
+    value: Any = stage
+    for part in parts:
+        if not isinstance(value, dict) or part not in value:
+            return False
+        value = value[part]
+    return not (isinstance(value, str) and value.startswith("stage:"))
 
 
 def check_stages(recipe: Recipe) -> list[tuple[str, str, Recipe]]:
@@ -242,7 +286,13 @@ def run_pairs(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None, p
 
 
 def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print) -> LoopResult:
-    """Run a recipe; with stages, run each in order, skipping stages already finished."""
+    """Run a recipe; with stages, run each in order, skipping stages already finished. The run holds its
+    directories' locks (fewstep/runlock.py) until it returns."""
+    with runlock.scope():
+        return _run_recipe(recipe, log=log)
+
+
+def _run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print) -> LoopResult:
     if not recipe.stages:
         return run_single(recipe, log=log)
     stages = check_stages(recipe)  # a typo in the last stage is refused before the first one trains

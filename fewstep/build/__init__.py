@@ -14,18 +14,18 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..config import Recipe
+from ..config import Recipe, check_kwargs
 from ..denoisers import Denoiser
-from ..errors import FewstepError
+from ..errors import FewstepError, lookup
 from ..losses.base import DistillationLoss, Models
 from ..networks import TrainedNetworks, freeze_teacher
 from ..settings import LoopSettings
 from ..schedules import Schedule
 from .checks import check_pairs, check_recipe
-from .data import DATA, RUN_DRAWS, build_data, make_prepare, prompts_first, run_draws, table_prompts
+from .data import DATA, RUN_DRAWS, build_data, check_captions, make_prepare, prompts_first, run_draws, table_prompts
 from .loss import build_loss, check_data
 from .models import LoadedModel, build_model, cast_frozen, cast_teacher, frozen_parts, sample_shape
-from .optim import PhaseOptimizer, build_optimizers
+from .optim import PhaseOptimizer, build_optimizers, optimizer_classes
 from .pairs import pairs_job
 from .resolve import split_named
 from .sample import make_evaluate, make_export, make_sample_fn, sampler_settings
@@ -84,8 +84,10 @@ def optimizer_specs(recipe: Recipe, loss: DistillationLoss) -> dict[str, PhaseOp
     specs = {}
     for phase in loss.phases:
         name, merged = split_named({**recipe.optimizer, **(recipe.optimizers.get(phase) or {})})
-        groups = {g: dict(recipe.optimizers[g]) for g in loss.groups
-                  if g in loss.phase_modules(phase) and recipe.optimizers.get(g)}
+        cls = lookup(optimizer_classes(), name, "optimizer")
+        merged = check_kwargs(cls, merged, "optimizer", skip=("params",))  # each value as torch declares it
+        groups = {g: check_kwargs(cls, dict(recipe.optimizers[g]), f"optimizers.{g}", skip=("params",))
+                  for g in loss.groups if g in loss.phase_modules(phase) and recipe.optimizers.get(g)}
         specs[phase] = PhaseOptimizer(name, merged, recipe.lr_scheduler.name, recipe.lr_scheduler.warmup_steps, groups)
     return specs
 
@@ -115,6 +117,8 @@ def build(recipe: Recipe, *, stage_outputs: dict[str, Path] | None = None, weigh
     cast_teacher(teacher, tr.teacher_dtype)
     dataset = build_data(recipe, stage_outputs) if dataset is None else dataset
     check_data(loss, recipe.loss["name"], recipe.data["name"], dataset)
+    if (student.pipeline or teacher.pipeline) is not None:
+        check_captions(dataset, recipe.data["name"])
     optimizers, lr_schedulers = build_optimizers(loss, trained, optimizer_specs(recipe, loss), tr.max_steps)
     settings = LoopSettings(**{f.name: getattr(tr, f.name) for f in dataclasses.fields(LoopSettings)})
     sampler = sampler_settings(recipe, loss)

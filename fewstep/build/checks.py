@@ -38,7 +38,12 @@ def check_recipe(recipe: Recipe) -> None:
     if not recipe.data:
         raise FewstepError("missing section data (with data.name)")
     name, kw = split_named(recipe.data)
-    check_kwargs(lookup(DATA, name, "data"), kw, "data")
+    kw = check_kwargs(lookup(DATA, name, "data"), kw, "data")
+    if name == "mixture":  # its other keys are the mixture's own arguments
+        from .data import check_mixture_kwargs
+
+        known = ("mixture", "size", "seed", "conditional")
+        check_mixture_kwargs(kw.get("mixture", "ring"), {k: v for k, v in kw.items() if k not in known})
     # the phases these settings run (overrides are applied already: one that brings in adversarial CD's
     # discriminator brings in its phase), and the networks that may train as a parameter group of a phase
     groups = cls.groups_for(**loss_kw)
@@ -53,7 +58,7 @@ def check_recipe(recipe: Recipe) -> None:
         merged = {**recipe.optimizer, **(spec or {})}
         opt_name, kw = split_named(merged)
         cls_opt = lookup(optimizer_classes(), opt_name, "optimizer")
-        check_kwargs(cls_opt, kw, "optimizer", skip=("params",))
+        kw = check_kwargs(cls_opt, kw, "optimizer", skip=("params",))
         _check_optimizer_values(cls_opt, kw, "optimizer" if phase == "default" else f"optimizers.{phase}",
                                 recipe.lr_scheduler)
     if recipe.lr_scheduler.name not in scheduler_names():
@@ -75,6 +80,12 @@ def check_recipe(recipe: Recipe) -> None:
         valid = [t.value for t in LoggerType if t.value != "all"]
         if tracker not in valid:
             raise FewstepError(f"unknown train.trackers entry {tracker!r}; valid: {', '.join(valid)}")
+        import accelerate.utils
+
+        available = getattr(accelerate.utils, f"is_{tracker}_available", None)
+        if available is not None and not available():
+            raise FewstepError(f"train.trackers: {tracker} is not installed (pip install {tracker.replace('_', '-')}), "
+                               "or leave it out of train.trackers")
 
 
 def _check_optimizer_values(cls: type, kwargs: dict[str, Any], key: str, schedule) -> None:
@@ -121,5 +132,10 @@ def check_pairs(recipe: Recipe) -> None:
     if not recipe.data:
         raise FewstepError("missing section data (with data.name): pairs take their conditions from it")
     name, kw = split_named(recipe.data)
-    check_kwargs(lookup(DATA, name, "data"), kw, "data")
+    kw = check_kwargs(lookup(DATA, name, "data"), kw, "data")
+    if name == "mixture":  # its other keys are the mixture's own arguments
+        from .data import check_mixture_kwargs
+
+        known = ("mixture", "size", "seed", "conditional")
+        check_mixture_kwargs(kw.get("mixture", "ring"), {k: v for k, v in kw.items() if k not in known})
     lookup(SOLVERS, recipe.pairs.solver, "pairs.solver")

@@ -29,7 +29,7 @@ def mixture_data(mixture: str = "ring", size: int = 100_000, seed: int = 0, cond
     with their mode as class_labels when ``conditional``."""
     from ..data.mixtures import make_mixture
 
-    m = make_mixture(mixture, **kwargs)
+    m = make_mixture(mixture, **check_mixture_kwargs(mixture, kwargs))
     x, k = m.sample(size, torch.Generator().manual_seed(seed), return_components=True)
     return ArrayDataset({"x0": x, "class_labels": k} if conditional else {"x0": x})
 
@@ -163,3 +163,39 @@ def prompts_first(recipe: Recipe, stage_outputs: dict[str, Path] | None, draws: 
     if check:
         check_prompt_count(dataset, draws, what)
     return dataset
+
+
+def check_captions(dataset, data_name: str) -> None:
+    """A text-to-image pipeline's data carries a caption per image: an image folder names its first uncaptioned
+    image; other sources are judged by their first item (a stream's items are not looked at before training)."""
+    from ..data.plan import is_stream
+
+    captions = getattr(dataset, "captions", None)
+    if captions is not None:
+        missing = [f for f, c in zip(dataset.files, captions) if c is None]
+        if missing:
+            raise FewstepError(f"data: {len(missing)} of {len(captions)} images in {dataset.root} have no caption "
+                               f"(first: {missing[0].name}) and the model is text-to-image: give each image NAME.txt "
+                               "or a metadata.jsonl text field (docs/data.md), or train on data: prompts")
+        return
+    item = None if is_stream(dataset) or not len(dataset) else dataset[0]
+    x0 = None if item is None else item.get("x0")  # an RGB image, not latents with their conditions (pairs, cache)
+    if isinstance(x0, Tensor) and x0.ndim == 3 and x0.shape[0] == 3 and "prompt" not in item:
+        raise FewstepError(f"data {data_name} gives images without captions and the model is text-to-image: give the "
+                           "source a caption column or sidecar text (docs/data.md), or train on data: prompts")
+
+
+def check_mixture_kwargs(mixture: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``data: mixture``'s extra keys, checked against the named mixture's own arguments (``data.batch_size`` is
+    refused with the valid keys, not passed on to fail inside it)."""
+    from ..data.mixtures import MIXTURES, random_mixture
+
+    import inspect
+
+    fn = lookup({**MIXTURES, "random": random_mixture}, mixture, "data.mixture")
+    own = [n for n in inspect.signature(fn).parameters]
+    unknown = [k for k in kwargs if k not in own]
+    if unknown:
+        valid = [f"data.{n}" for n in ("mixture", "size", "seed", "conditional", *own)]
+        raise FewstepError(f"unknown key data.{unknown[0]}; valid for mixture {mixture}: {', '.join(valid)}")
+    return check_kwargs(fn, kwargs, "data")

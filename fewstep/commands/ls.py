@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-import yaml
 
 from ..config import available_recipes
+from ..yaml_core import load_yaml
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,6 +17,6 @@ def run(args: argparse.Namespace) -> int:
     recipes = available_recipes()
     width = max((len(n) for n in recipes), default=0)
     for name, path in recipes.items():
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
         print(f"{name:<{width}}  {str(raw.get('description', '')).strip().splitlines()[0] if raw.get('description') else ''}")
     return 0

@@ -19,6 +19,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..runlock import scope
+
+    with scope():  # the run directory's lock, released when the pairs are written (fewstep/runlock.py)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..build import check_pairs
     from ..run import prepare_run_dir, run_pairs, run_pairs_stage, stage_recipes
 

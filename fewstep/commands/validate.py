@@ -14,8 +14,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..run import check_stages
+    from pathlib import Path
 
-    check_stages(load_recipe(args.recipe, args.overrides))
+    from ..run import check_stages, check_writable
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    check_stages(recipe)
+    check_writable(Path(recipe.train.output_dir))
     print(f"{args.recipe}: ok")
     return 0

@@ -25,6 +25,12 @@ def _cases(tmp, tiny):
     gray = _images(tmp / "gray", mode="CMYK")
     junk = _images(tmp / "junk", extra="notes.pdf")
     small = _images(tmp / "small", size=20)
+    nocap = _images(tmp / "nocap")
+    (nocap / "a.txt").unlink()  # an image without its caption
+    binary = tmp / "binary.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    a_file = tmp / "a_file"
+    a_file.write_text("not a directory")
     return [
         (["distill", "sd15_dmd", out, "data.min_prompts=0", "teacher.path=/no/such/model"], "model path /no/such/model does not exist"),
         (["distill", "sd15_dmd", out, "data.min_prompts=0", "teacher.path=someorg/somemodel"], "HF_HUB_OFFLINE=1 forbids downloading it"),
@@ -61,7 +67,19 @@ def _cases(tmp, tiny):
         (["distill", str(bad_yaml)], "bad.yaml"),
         (["distill", "gmm_teacher", "train.output_dir=/proc/forbidden/x"], "/proc/forbidden/x cannot be created"),
         (["distill", "gmm_teacher", f"train.output_dir={empty}/x"], "is not a directory"),
-        (["distill", "gmm_teacher", out, "optimizer.lr=-1"], "AdamW refuses {'lr': -1}: Invalid learning rate"),
+        (["distill", "gmm_teacher", out, "optimizer.lr=-1"], "AdamW refuses {'lr': -1.0}: Invalid learning rate"),
+        # issue 42: each one line, exit 2, nothing written
+        (["distill", str(binary)], "binary.yaml is not a text file (not UTF-8)"),
+        (["validate", str(binary)], "binary.yaml is not a text file (not UTF-8)"),
+        (["distill", "sd15_lcm_lora", out, f"teacher.path={sd}", f"data.root={nocap}", "data.resolution=32"],
+         f"1 of 1 images in {nocap} have no caption (first: a.png) and the model is text-to-image"),
+        (["distill", "gmm_teacher", f"train.output_dir={a_file}"], f"train.output_dir {a_file} is a file, not a directory"),
+        (["validate", "gmm_teacher", f"train.output_dir={a_file}"], f"train.output_dir {a_file} is a file, not a directory"),
+        (["distill", "gmm_teacher", out, "data.batch_size=-4"], "unknown key data.batch_size; valid for mixture ring:"),
+        (["validate", "gmm_teacher", out, "data.batch_size=-4"], "unknown key data.batch_size; valid for mixture ring:"),
+        (["distill", "gmm_teacher", out, "train.mixed_precision=fp16"], "train.mixed_precision fp16 on a CPU"),
+        (["distill", "gmm_teacher", out, "train.trackers=[wandb]"], "train.trackers: wandb is not installed"),
+        (["distill", "gmm_teacher", out, "optimizer.lr=-1e-4"], "Invalid learning rate"),  # typed as written
         (["distill", "gmm_reflow", out, "optimizer.lr=-1"], "Invalid learning rate"),  # before its first stage
         (["distill", "gmm_teacher", out, "optimizer.betas=[0.9,1.5]"], "Invalid beta parameter"),
         (["distill", "gmm_teacher", out, "lr_scheduler.warmup_steps=-5"], "lr_scheduler.warmup_steps must be >= 0"),
@@ -126,3 +144,14 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
     assert newest is not None and newest.name == "step-00000002"
     load_checkpoint(newest)  # intact
     assert not [p for p in (out / "checkpoints").iterdir() if p.name != "step-00000002"]
+
+
+def test_a_top_level_override_reaches_a_stage_that_sets_the_same_key():
+    """sd15_dmd's gan stage restates loss.fake_updates: the command line's value reaches it too (issue 42), while a
+    key the stage does not set (data.path of its image data) stays out of it."""
+    from fewstep.config import load_recipe
+    from fewstep.run import stage_recipes
+
+    stages = {n: r for n, _, r in stage_recipes(load_recipe("sd15_dmd", ["loss.fake_updates=1", "data.path=p.txt"]))}
+    assert stages["dmd"].loss["fake_updates"] == 1 and stages["gan"].loss["fake_updates"] == 1
+    assert stages["dmd"].data["path"] == "p.txt" and "path" not in stages["gan"].data
