@@ -43,6 +43,7 @@ RUN_LENGTH_KEYS = {
     "train.max_steps", "train.max_wall_time", "train.resume", "train.overwrite", "train.checkpoint_every",
     "train.keep_checkpoints", "train.log_every", "train.sample_every", "train.eval_every", "train.progress",
     "train.num_workers", "train.trackers", "train.launch_processes",
+    "train.output_dir",  # where the run is, not what it is: a moved or copied run directory resumes
 }
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 DTYPES = ("float32", "float16", "bfloat16")

@@ -226,8 +226,14 @@ class LoadedPipeline:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((z - shift) * vae.config.scaling_factor).float()
 
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents -> images clamped to [-1, 1], without gradients: what a user shows or saves."""
+        return self.decode_latents(latents).clamp(-1, 1)
+
     def decode_latents(self, latents: Tensor) -> Tensor:
-        """Latents -> images in [-1, 1] (differentiable; wrap in no_grad when not training through it)."""
+        """Latents -> the VAE's images, about [-1, 1] but not clamped, differentiable (LPIPS on decoded images trains
+        through it); ``decode`` for images to show."""
         vae, dtype = self._vae_in_dtype()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         z = latents.to(vae.device, dtype) / vae.config.scaling_factor + shift

@@ -63,6 +63,11 @@ def test_vae_scaling_and_shift(tiny_dirs):
         decoded = lp.decode_latents(z)
         torch.testing.assert_close(decoded, vae.decode(z / vae.config.scaling_factor + vae.config.shift_factor).sample)
     assert z.shape == (2, 4, 16, 16) and lp.resolution == 32
+    # decode: the same images clamped to [-1, 1], with no graph even from latents that need grad (issue 42)
+    z = (z * 40).requires_grad_(True)  # latents far out of range: the VAE's output leaves [-1, 1]
+    raw, shown = lp.decode_latents(z), lp.decode(z)
+    assert raw.requires_grad and not shown.requires_grad and raw.abs().max() > 1
+    torch.testing.assert_close(shown, raw.detach().clamp(-1, 1))
 
 
 def test_null_conditions(tiny_dirs):

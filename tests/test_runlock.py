@@ -44,3 +44,17 @@ def test_a_second_run_on_a_live_directory_is_refused_and_a_killed_run_leaves_no_
     assert (out / LOCK_NAME).exists()  # left behind, but no longer held
     assert main([*args[:-3], "train.max_steps=2", "train.checkpoint_every=1"]) in (0,)
     assert "in use by a live run" not in capsys.readouterr().err
+
+
+def test_a_moved_run_directory_resumes(tmp_path, capsys):
+    """A run directory moved (or copied) elsewhere resumes there; until 2026-12-08 its saved recipe's output_dir made
+    it "a different recipe" (issue 42)."""
+    first, moved = tmp_path / "first", tmp_path / "elsewhere" / "moved"
+    common = ["distill", "gmm_teacher", "train.progress=false", "train.checkpoint_every=2"]
+    assert main([*common, f"train.output_dir={first}", "train.max_steps=2"]) == 0
+    moved.parent.mkdir()
+    first.rename(moved)
+    capsys.readouterr()
+    assert main([*common, f"train.output_dir={moved}", "train.max_steps=4"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "at step 2" in out and "finished at step 4" in out

@@ -148,6 +148,16 @@ def save_grids(teacher: Path, students: dict[str, Path], out: Path) -> None:
     print(f"sample grids: {', '.join(sorted(p.name for p in out.glob('*.png') if p.name != 'pareto.png'))}")
 
 
+def compared(fd: float, reference: float) -> str:
+    """How a Frechet distance stands to another, in the direction it goes: "6.9x lower than", "10.2x higher than"
+    (lower is better), or "the same as"."""
+    if fd == reference:
+        return "the same as"
+    if fd < reference:
+        return f"{reference / fd:.1f}x lower than" if fd > 0 else "lower than"
+    return f"{fd / reference:.1f}x higher than" if reference > 0 else "higher than"
+
+
 def verdict(report: Path) -> list[str]:
     """One line per claim of the demo, from report.json."""
     import json
@@ -156,7 +166,7 @@ def verdict(report: Path) -> list[str]:
     fd = {(r["model"], r["steps"]): r["fd"] for r in rows}
     t1, t25 = fd[("teacher", 1)], fd[("teacher", 25)]
     ones = {m: v for (m, k), v in fd.items() if k == 1 and m != "teacher"}
-    lines = [f"{m}: one-step FD {v:.2f} = {t1 / v:.1f}x lower than the teacher's one step ({t1:.2f})" for m, v in ones.items()]
+    lines = [f"{m}: one-step FD {v:.2f} = {compared(v, t1)} the teacher's one step ({t1:.2f})" for m, v in ones.items()]
     best = min(ones, key=ones.get)
     lines.append(f"best one-step student: {best}, FD {ones[best]:.2f} = {ones[best] / t25:.2f}x the teacher's 25 steps "
                  f"({t25:.2f})")

@@ -28,6 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+#: below this many samples `eval` says that its Frechet distance is biased and noisy
+SMALL_SAMPLE = 10_000
+
+
 def run(args: argparse.Namespace) -> int:
     from ..eval.evaluate import evaluate, load_images, make_extractor, reference_from
 
@@ -56,6 +60,13 @@ def run(args: argparse.Namespace) -> int:
         result["sampler"] = sampler
     text = json.dumps(result, indent=2)
     print(text)
+    n = result.get("n_samples", 0)
+    if n < SMALL_SAMPLE:
+        import sys
+
+        print(f"fewstep eval: note: {n} samples; a Frechet distance from fewer than {SMALL_SAMPLE:,} is biased upward "
+              "and varies from seed to seed (Chong & Forsyth 2020): compare runs only at the same sample count, and "
+              "repeat with other --seed values to see the spread", file=sys.stderr)
     if args.out:
         from ..io import write_text_atomic
 

@@ -64,3 +64,17 @@ def test_entry_point_runs_in_a_real_interpreter():
                         "--solver", "rk4"], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("fewstep: error: /nonexistent is not a fewstep model directory")
+
+
+def test_the_demo_verdict_says_which_way_a_distance_goes(tmp_path):
+    """A student 10x worse than the teacher's one step reads "higher", not "0.1x lower" (issue 42)."""
+    import json
+
+    from fewstep.commands.demo import compared, verdict
+
+    assert compared(58.81, 405.86) == "6.9x lower than" and compared(4331.68, 405.86) == "10.7x higher than"
+    assert compared(5.0, 5.0) == "the same as"
+    rows = [{"model": "teacher", "steps": 1, "fd": 405.86}, {"model": "teacher", "steps": 25, "fd": 10.0},
+            {"model": "reflow", "steps": 1, "fd": 4331.68}]
+    (tmp_path / "report.json").write_text(json.dumps({"rows": rows}))
+    assert verdict(tmp_path)[0] == "reflow: one-step FD 4331.68 = 10.7x higher than the teacher's one step (405.86)"

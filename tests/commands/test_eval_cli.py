@@ -28,7 +28,9 @@ def test_eval_of_real_digits_against_the_digits_reference(tmp_path, capsys):
     capsys.readouterr()
     assert m["n_samples"] == 600 and m["n_reference"] == 1797 and "digits feature network" in m["features"]
     assert main(["eval", "--samples", str(noise), "--reference", "digits"]) == 0
-    m_noise = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr()
+    m_noise = json.loads(printed.out)
+    assert "note: 600 samples; a Frechet distance from fewer than 10,000 is biased upward" in printed.err  # issue 42
     assert m["fd"] < 0.05 * m_noise["fd"] and m["precision"] > m_noise["precision"]
     assert main(["eval", "--samples", str(real), "--reference", "digits", "--out", str(out)]) == 2  # never overwritten
     assert main(["eval", "--samples", str(real), "--reference", "digits", "--features", "clip"]) == 2
