@@ -5,11 +5,11 @@ import argparse
 import sys
 
 from . import __version__
-from .commands import bench, demo, distill, lora, ls, pairs, sample, validate
+from .commands import bench, demo, distill, lora, ls, pairs, push, sample, validate
 from .commands import eval as eval_cmd
 from .errors import FewstepError
 
-COMMANDS = (distill, pairs, validate, sample, eval_cmd, bench, lora, ls, demo)
+COMMANDS = (distill, pairs, validate, sample, eval_cmd, bench, lora, push, ls, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

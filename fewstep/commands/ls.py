@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-
 from ..config import available_recipes
 from ..yaml_core import load_yaml
 
