@@ -103,6 +103,20 @@ def pipeline_scheduler(student: Denoiser, pipeline, sampler: dict[str, Any]):
     return None
 
 
+def single_file_card(meta: dict[str, Any]) -> str:
+    """The model card's lines for ComfyUI and AUTOMATIC1111 users of the single-file checkpoint."""
+    if not meta.get("single_file"):
+        return ""
+    s = meta["sampler"]
+    cfg = 1.0 if s.get("guidance") is None else s["guidance"]
+    return (f"\n## ComfyUI and AUTOMATIC1111\n\n`{meta['single_file']}` is the whole model (UNet, VAE, text encoder) "
+            "in float16 in the original Stable Diffusion layout: put it in ComfyUI's `models/checkpoints` or "
+            f"AUTOMATIC1111's `models/Stable-diffusion`. Sampler: {SINGLE_FILE_SAMPLERS[meta['scheduler']]}; steps: "
+            f"{s['steps']}; CFG scale: {cfg}" + (" (the guidance is trained in: 1 means none on top)" if cfg == 1.0 else "")
+            + "; scheduler: the UI's default (normal). Their samplers space the steps themselves, so past one step "
+            "the result can differ slightly from `fewstep sample`'s (not measured: no UI runs in fewstep's tests).\n")
+
+
 def model_card(meta: dict[str, Any], recipe_yaml: str, schedule: Schedule | None = None) -> str:
     s = meta["sampler"]
     guidance = "none" if s.get("guidance") is None else s["guidance"]
@@ -123,7 +137,7 @@ Made with fewstep {meta['fewstep_version']}.
 | scheduler | {meta.get('scheduler', 'see fewstep.json')} |
 
 Sample it with `fewstep sample --model <this directory> --num 16 --seed 0 --out samples.png`.
-{lora}
+{lora}{single_file_card(meta)}
 ## Recipe
 
 ```yaml
@@ -163,6 +177,11 @@ def write_final(student: Denoiser, directory: Path, *, kind: str, meta: dict[str
         try:
             pipeline.pipe.save_pretrained(directory, safe_serialization=True)
             meta["scheduler"] = type(pipeline.pipe.scheduler).__name__
+            if single_file_ready(pipeline, student, meta["scheduler"]):  # for ComfyUI / AUTOMATIC1111
+                from .single_file import save_sd_single_file
+
+                save_sd_single_file(pipeline.pipe, directory / SINGLE_FILE, dtype=torch.float16)
+                meta["single_file"] = SINGLE_FILE
         finally:
             setattr(pipeline.pipe, attr, original)
             pipeline.pipe.scheduler = original_scheduler
@@ -189,6 +208,24 @@ def write_final(student: Denoiser, directory: Path, *, kind: str, meta: dict[str
     return directory
 
 
+#: the single-file checkpoint an SD 1.x pipeline student is also exported as (fewstep/single_file.py)
+SINGLE_FILE = "model.safetensors"
+#: diffusers schedulers whose sampling ComfyUI and AUTOMATIC1111 have (their "lcm" / "LCM" and "ddim" / "DDIM")
+SINGLE_FILE_SAMPLERS = {"LCMScheduler": "LCM (ComfyUI sampler `lcm`, AUTOMATIC1111 `LCM`)",
+                        "DDIMScheduler": "DDIM (ComfyUI sampler `ddim`, AUTOMATIC1111 `DDIM`)"}
+
+
+def single_file_ready(pipeline, student: Denoiser, scheduler: str) -> bool:
+    """An SD 1.x epsilon-prediction student on SD's own schedule, sampled by a scheduler those UIs have: what a
+    single file in the original layout runs as in them (a flow-trained UNet, InstaFlow's, would not, nor would
+    an LCM student's guidance-scale input, which the original UNet has no key for)."""
+    unet = getattr(pipeline.pipe, "unet", None)
+    return (pipeline.family == "sd" and type(pipeline.pipe).__name__ == "StableDiffusionPipeline"
+            and student.prediction_type == "epsilon" and student.schedule.kind == "vp"
+            and scheduler in SINGLE_FILE_SAMPLERS
+            and getattr(unet.config, "time_cond_proj_dim", None) is None)  # LCM's guidance input: no place there
+
+
 def _write_lora(net, directory: Path, meta: dict[str, Any], pipeline, scheduler) -> None:
     """A LoRA student: the adapters in diffusers' format, the scheduler to use, and the base to load them on."""
     from .lora_io import LORA_WEIGHTS, save_pipeline_lora
@@ -196,6 +233,11 @@ def _write_lora(net, directory: Path, meta: dict[str, Any], pipeline, scheduler)
     if pipeline is None:
         raise FewstepError("exporting a pipeline student needs its pipeline")
     save_pipeline_lora(pipeline, net, directory)
+    from .lora_kohya import FAMILIES, KOHYA_WEIGHTS, save_kohya_lora
+
+    if pipeline.family in FAMILIES:  # the same adapters for ComfyUI and AUTOMATIC1111
+        save_kohya_lora(net, pipeline.family, directory / KOHYA_WEIGHTS)
+        meta["kohya_weights"] = KOHYA_WEIGHTS
     sched = scheduler if scheduler is not None else pipeline.pipe.scheduler
     sched.save_pretrained(directory / "scheduler")
     meta.update(kind="lora", family=pipeline.family, base=pipeline.origin.get("base"),
