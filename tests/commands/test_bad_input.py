@@ -1,6 +1,7 @@
 """Bad input to `fewstep distill` and the other verbs, in-process: each case gives exactly one line on
 stderr naming the problem, exit code 2, and leaves the output directory as it was (absent, or
 untouched). tests/test_loop.py covers the plain recipe-key errors."""
+import pytest
 from PIL import Image
 
 from fewstep.cli import main
@@ -25,12 +26,6 @@ def _cases(tmp, tiny):
     gray = _images(tmp / "gray", mode="CMYK")
     junk = _images(tmp / "junk", extra="notes.pdf")
     small = _images(tmp / "small", size=20)
-    nocap = _images(tmp / "nocap")
-    (nocap / "a.txt").unlink()  # an image without its caption
-    binary = tmp / "binary.yaml"
-    binary.write_bytes(bytes(range(256)) * 4)
-    a_file = tmp / "a_file"
-    a_file.write_text("not a directory")
     return [
         (["distill", "sd15_dmd", out, "data.min_prompts=0", "teacher.path=/no/such/model"], "model path /no/such/model does not exist"),
         (["distill", "sd15_dmd", out, "data.min_prompts=0", "teacher.path=someorg/somemodel"], "HF_HUB_OFFLINE=1 forbids downloading it"),
@@ -68,18 +63,6 @@ def _cases(tmp, tiny):
         (["distill", "gmm_teacher", "train.output_dir=/proc/forbidden/x"], "/proc/forbidden/x cannot be created"),
         (["distill", "gmm_teacher", f"train.output_dir={empty}/x"], "is not a directory"),
         (["distill", "gmm_teacher", out, "optimizer.lr=-1"], "AdamW refuses {'lr': -1.0}: Invalid learning rate"),
-        # issue 42: each one line, exit 2, nothing written
-        (["distill", str(binary)], "binary.yaml is not a text file (not UTF-8)"),
-        (["validate", str(binary)], "binary.yaml is not a text file (not UTF-8)"),
-        (["distill", "sd15_lcm_lora", out, f"teacher.path={sd}", f"data.root={nocap}", "data.resolution=32"],
-         f"1 of 1 images in {nocap} have no caption (first: a.png) and the model is text-to-image"),
-        (["distill", "gmm_teacher", f"train.output_dir={a_file}"], f"train.output_dir {a_file} is a file, not a directory"),
-        (["validate", "gmm_teacher", f"train.output_dir={a_file}"], f"train.output_dir {a_file} is a file, not a directory"),
-        (["distill", "gmm_teacher", out, "data.batch_size=-4"], "unknown key data.batch_size; valid for mixture ring:"),
-        (["validate", "gmm_teacher", out, "data.batch_size=-4"], "unknown key data.batch_size; valid for mixture ring:"),
-        (["distill", "gmm_teacher", out, "train.mixed_precision=fp16"], "train.mixed_precision fp16 on a CPU"),
-        (["distill", "gmm_teacher", out, "train.trackers=[wandb]"], "train.trackers: wandb is not installed"),
-        (["distill", "gmm_teacher", out, "optimizer.lr=-1e-4"], "Invalid learning rate"),  # typed as written
         (["distill", "gmm_reflow", out, "optimizer.lr=-1"], "Invalid learning rate"),  # before its first stage
         (["distill", "gmm_teacher", out, "optimizer.betas=[0.9,1.5]"], "Invalid beta parameter"),
         (["distill", "gmm_teacher", out, "lr_scheduler.warmup_steps=-5"], "lr_scheduler.warmup_steps must be >= 0"),
@@ -97,15 +80,67 @@ def _cases(tmp, tiny):
     ]
 
 
+def _refused(argv, expected, tmp_path, capsys) -> None:
+    """One line on stderr holding ``expected``, exit 2, and no output written."""
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and expected in err[0], (argv, code, err)
+    assert not (tmp_path / "out").exists(), argv
+    assert not (tmp_path / "s.png").exists() and not (tmp_path / "fused").exists(), argv
+
+
 def test_bad_input_gives_one_line_exit_2_and_writes_nothing(tmp_path, tiny_dirs, capsys):
     cases = _cases(tmp_path, tiny_dirs)
     assert len(cases) >= 30
     for argv, expected in cases:
-        code = main(argv)
-        err = capsys.readouterr().err.strip().splitlines()
-        assert code == 2 and len(err) == 1 and expected in err[0], (argv, code, err)
-        assert not (tmp_path / "out").exists(), argv
-        assert not (tmp_path / "s.png").exists() and not (tmp_path / "fused").exists(), argv
+        _refused(argv, expected, tmp_path, capsys)
+
+
+def _binary(tmp):
+    path = tmp / "binary.yaml"
+    path.write_bytes(bytes(range(256)) * 4)
+    return [(["distill", str(path)], "binary.yaml is not a text file (not UTF-8)"),
+            (["validate", str(path)], "binary.yaml is not a text file (not UTF-8)")]
+
+
+def _captionless(tmp, sd):
+    nocap = _images(tmp / "nocap")
+    (nocap / "a.txt").unlink()  # an image without its caption
+    return [(["distill", "sd15_lcm_lora", f"train.output_dir={tmp / 'out'}", f"teacher.path={sd}", f"data.root={nocap}",
+              "data.resolution=32"], f"1 of 1 images in {nocap} have no caption (first: a.png) and the model is text-to-image")]
+
+
+def _output_dir_a_file(tmp):
+    a_file = tmp / "a_file"
+    a_file.write_text("not a directory")
+    return [([verb, "gmm_teacher", f"train.output_dir={a_file}"], f"train.output_dir {a_file} is a file, not a directory")
+            for verb in ("distill", "validate")]
+
+
+#: issue 42's bad-input cases, each a named test: (argv, what the one line says) pairs from (tmp, tiny SD path)
+ISSUE_42 = {
+    "binary_recipe": lambda tmp, sd: _binary(tmp),
+    "captionless_images_for_a_text_teacher": _captionless,
+    "output_dir_is_a_file": lambda tmp, sd: _output_dir_a_file(tmp),
+    "data_batch_size_negative": lambda tmp, sd: [
+        ([verb, "gmm_teacher", f"train.output_dir={tmp / 'out'}", "data.batch_size=-4"],
+         "unknown key data.batch_size; valid for mixture ring:") for verb in ("distill", "validate")],
+    "fp16_on_a_cpu": lambda tmp, sd: [(["distill", "gmm_teacher", f"train.output_dir={tmp / 'out'}",
+                                        "train.mixed_precision=fp16"], "train.mixed_precision fp16 on a CPU")],
+    "tracker_package_missing": lambda tmp, sd: [(["distill", "gmm_teacher", f"train.output_dir={tmp / 'out'}",
+                                                  "train.trackers=[wandb]"], "train.trackers: wandb is not installed")],
+    "negative_lr_typed_as_written": lambda tmp, sd: [(["distill", "gmm_teacher", f"train.output_dir={tmp / 'out'}",
+                                                       "optimizer.lr=-1e-4"], "Invalid learning rate")],
+    "unwritable_output_dir": lambda tmp, sd: [(["distill", "gmm_teacher", "train.output_dir=/proc/forbidden/x"],
+                                               "/proc/forbidden/x cannot be created")],
+}
+
+
+@pytest.mark.parametrize("case", sorted(ISSUE_42))
+def test_issue_42_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, tiny_dirs, capsys):
+    """The second run on a live directory: tests/test_runlock.py; a shadowed stage key (applied): below."""
+    for argv, expected in ISSUE_42[case](tmp_path, str(tiny_dirs["sd"])):
+        _refused(argv, expected, tmp_path, capsys)
 
 
 def test_a_directory_holding_another_run_is_refused_untouched(tmp_path, capsys):
