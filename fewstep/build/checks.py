@@ -12,7 +12,7 @@ from ..errors import FewstepError, check_choice, lookup
 from ..losses import loss_class
 from ..schedules import SCHEDULES
 from ..solvers import SOLVERS
-from .data import DATA
+from .data import check_data_section
 from .models import network_class
 from .optim import optimizer_classes, scheduler_names
 from .resolve import split_named
@@ -37,13 +37,7 @@ def check_recipe(recipe: Recipe) -> None:
             "bfloat16 (DMD2's and FastGen's compute precision) or float32")
     if not recipe.data:
         raise FewstepError("missing section data (with data.name)")
-    name, kw = split_named(recipe.data)
-    kw = check_kwargs(lookup(DATA, name, "data"), kw, "data")
-    if name == "mixture":  # its other keys are the mixture's own arguments
-        from .data import check_mixture_kwargs
-
-        known = ("mixture", "size", "seed", "conditional")
-        check_mixture_kwargs(kw.get("mixture", "ring"), {k: v for k, v in kw.items() if k not in known})
+    check_data_section(recipe.data)
     # the phases these settings run (overrides are applied already: one that brings in adversarial CD's
     # discriminator brings in its phase), and the networks that may train as a parameter group of a phase
     groups = cls.groups_for(**loss_kw)
@@ -131,11 +125,5 @@ def check_pairs(recipe: Recipe) -> None:
     check_kwargs(lookup(SCHEDULES, name, "schedule"), kw, "schedule")
     if not recipe.data:
         raise FewstepError("missing section data (with data.name): pairs take their conditions from it")
-    name, kw = split_named(recipe.data)
-    kw = check_kwargs(lookup(DATA, name, "data"), kw, "data")
-    if name == "mixture":  # its other keys are the mixture's own arguments
-        from .data import check_mixture_kwargs
-
-        known = ("mixture", "size", "seed", "conditional")
-        check_mixture_kwargs(kw.get("mixture", "ring"), {k: v for k, v in kw.items() if k not in known})
+    check_data_section(recipe.data)
     lookup(SOLVERS, recipe.pairs.solver, "pairs.solver")

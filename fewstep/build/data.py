@@ -1,6 +1,7 @@
 """Datasets by name (the recipe's ``data`` section), and what turns a batch into model inputs."""
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Callable
 
@@ -185,17 +186,26 @@ def check_captions(dataset, data_name: str) -> None:
                            "source a caption column or sidecar text (docs/data.md), or train on data: prompts")
 
 
+def check_data_section(data: dict[str, Any]) -> None:
+    """A recipe's ``data`` section against its source's signature, without building it; ``data: mixture``'s other
+    keys against the named mixture's own arguments too."""
+    name, kw = split_named(data)
+    kw = check_kwargs(lookup(DATA, name, "data"), kw, "data")
+    if name == "mixture":
+        own = inspect.signature(mixture_data).parameters
+        check_mixture_kwargs(kw.get("mixture", "ring"), {k: v for k, v in kw.items() if k not in own})
+
+
 def check_mixture_kwargs(mixture: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """``data: mixture``'s extra keys, checked against the named mixture's own arguments (``data.batch_size`` is
     refused with the valid keys, not passed on to fail inside it)."""
     from ..data.mixtures import MIXTURES, random_mixture
 
-    import inspect
-
     fn = lookup({**MIXTURES, "random": random_mixture}, mixture, "data.mixture")
-    own = [n for n in inspect.signature(fn).parameters]
+    own = list(inspect.signature(fn).parameters)
     unknown = [k for k in kwargs if k not in own]
     if unknown:
-        valid = [f"data.{n}" for n in ("mixture", "size", "seed", "conditional", *own)]
+        shared = [n for n in inspect.signature(mixture_data).parameters if n != "kwargs"]
+        valid = [f"data.{n}" for n in (*shared, *own)]
         raise FewstepError(f"unknown key data.{unknown[0]}; valid for mixture {mixture}: {', '.join(valid)}")
     return check_kwargs(fn, kwargs, "data")

@@ -62,7 +62,7 @@ def dry_run(recipe, processes: int = 8) -> int:
 def _batch_and_prompts(recipe, kind: str, processes: int) -> None:
     """The batch per process and in all (on the recipe's launch and on ``processes``), and a prompt set's size
     against what the run draws (fewstep.build.data.check_prompt_count), one line each."""
-    from ..build.data import RUN_DRAWS, build_data, check_prompt_count, run_draws
+    from ..build.data import RUN_DRAWS, prompts_first, run_draws
     from ..settings import divisors
 
     tr = recipe.train
@@ -75,17 +75,14 @@ def _batch_and_prompts(recipe, kind: str, processes: int) -> None:
         print(f"  batch: {b} a micro-batch, all processes together (train.batch_size) = {b // planned} per process x "
               f"{planned} process{'es' if planned > 1 else ''}, the recipe's launch (train.launch_processes); {here}"
               f"{f'; x {tr.grad_accum} micro-batches a step' if tr.grad_accum > 1 else ''}")
-    if recipe.data.get("name") != "prompts":
-        return
-    draws, what = ((recipe.pairs.num, "pairs.num") if kind == "pairs" else
-                   (run_draws(tr), RUN_DRAWS))
+    draws, what = (recipe.pairs.num, "pairs.num") if kind == "pairs" else (run_draws(tr), RUN_DRAWS)
     try:
-        dataset = build_data(recipe)
-        check_prompt_count(dataset, draws, what)
+        dataset = prompts_first(recipe, None, draws, what)  # what the run checks before it loads a model
     except FewstepError as e:
         print(f"  prompts: refused: {e}")
         return
-    print(f"  prompts: {len(set(dataset.prompts)):,} distinct; the run draws {draws:,} ({what})")
+    if dataset is not None:
+        print(f"  prompts: {len(set(dataset.prompts)):,} distinct; the run draws {draws:,} ({what})")
 
 
 def _estimate(recipe, stage_outputs: dict, processes: int) -> None:

@@ -13,18 +13,7 @@ class HFImageDataset(Dataset):
 
     def __init__(self, name: str, resolution: int, *, split: str = "train", image_column: str = "image",
                  caption_column: str | None = "text", label_column: str | None = None, resize: bool = True) -> None:
-        try:
-            import datasets
-        except ImportError:
-            raise FewstepError("Hugging Face datasets are optional: pip install 'fewstep[datasets]'") from None
-        try:
-            self.ds = datasets.load_from_disk(name) if _is_saved_dataset(name) else datasets.load_dataset(name, split=split)
-        except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
-            raise FewstepError(f"cannot load dataset {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        if isinstance(self.ds, datasets.DatasetDict):
-            if split not in self.ds:
-                raise FewstepError(f"dataset {name!r} has no split {split!r}; valid: {', '.join(self.ds)}")
-            self.ds = self.ds[split]
+        self.ds = open_dataset(name, split)
         columns = self.ds.column_names
         for col in (image_column, caption_column, label_column):
             if col is not None and col not in columns:
@@ -43,6 +32,23 @@ class HFImageDataset(Dataset):
         if self.label_column:
             item["class_labels"] = int(row[self.label_column])
         return item
+
+
+def open_dataset(name: str, split: str = "train"):
+    """The ``split`` of a Hugging Face dataset: a ``save_to_disk`` directory, a local dataset or a hub id."""
+    try:
+        import datasets
+    except ImportError:
+        raise FewstepError("Hugging Face datasets are optional: pip install 'fewstep[datasets]'") from None
+    try:
+        ds = datasets.load_from_disk(name) if _is_saved_dataset(name) else datasets.load_dataset(name, split=split)
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
+        raise FewstepError(f"cannot load dataset {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise FewstepError(f"dataset {name!r} has no split {split!r}; valid: {', '.join(ds)}")
+        ds = ds[split]
+    return ds
 
 
 def _is_saved_dataset(name: str) -> bool:

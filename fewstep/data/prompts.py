@@ -24,9 +24,10 @@ def load_prompts(path: str | Path, column: str | None = None) -> list[str]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":
-            prompts = _column(_parquet(path), column, f"prompt file {path}")
+            prompts = _parquet_column(path, column)
         elif suffix in TABULAR:
-            prompts = _column(_records(path, suffix), column, f"prompt file {path}")
+            columns = _records(path, suffix)
+            prompts = _texts(columns[_pick(list(columns), column, f"prompt file {path}")])
         else:
             if column is not None:
                 raise FewstepError(f"data.column {column!r} is for tabular prompt files ({', '.join(TABULAR)}); "
@@ -70,48 +71,43 @@ def _records(path: Path, suffix: str) -> dict[str, list]:
     return columns
 
 
-def _parquet(path: Path) -> dict[str, list]:
+def _parquet_column(path: Path, column: str | None) -> list[str]:
+    """The text column of a Parquet file, read alone (a caption table's other columns can be large)."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise FewstepError("Parquet prompt files need pyarrow: pip install 'fewstep[datasets]'") from None
-    try:
-        return pq.read_table(path).to_pydict()
-    except Exception as e:  # pyarrow's errors have no common base but ArrowException, which is not always importable
+    try:  # pyarrow's errors have no common base but ArrowException, which is not always importable
+        names = pq.read_schema(path).names
+    except Exception as e:
         raise FewstepError(f"prompt file {path} is not readable Parquet: {str(e).splitlines()[0]}") from None
+    name = _pick(names, column, f"prompt file {path}")
+    return _texts(pq.read_table(path, columns=[name]).column(name).to_pylist())
 
 
-def _column(columns: dict[str, list], column: str | None, what: str) -> list[str]:
-    """The non-empty strings of ``column`` (default: the first of TEXT_COLUMNS present)."""
+def _pick(names: list, column: str | None, what: str) -> str:
+    """``column``, or (None) the first of TEXT_COLUMNS among ``names``; one line naming the valid ones otherwise."""
     if column is None:
-        column = next((c for c in TEXT_COLUMNS if c in columns), None)
+        column = next((c for c in TEXT_COLUMNS if c in names), None)
         if column is None:
             raise FewstepError(f"{what} has none of the text columns {', '.join(TEXT_COLUMNS)}; name one with "
-                               f"data.column, valid: {', '.join(map(str, columns)) or '(no columns)'}")
-    elif column not in columns:
-        raise FewstepError(f"{what} has no column {column!r}; valid: {', '.join(map(str, columns)) or '(no columns)'}")
-    return [str(v).strip() for v in columns[column] if v is not None and str(v).strip()]
+                               f"data.column, valid: {', '.join(map(str, names)) or '(no columns)'}")
+    elif column not in names:
+        raise FewstepError(f"{what} has no column {column!r}; valid: {', '.join(map(str, names)) or '(no columns)'}")
+    return column
+
+
+def _texts(values) -> list[str]:
+    """The non-empty strings of a column."""
+    return [str(v).strip() for v in values if v is not None and str(v).strip()]
 
 
 def hf_prompts(name: str, split: str = "train", column: str | None = None) -> list[str]:
     """A Hugging Face dataset's (hub id, or a directory from ``save_to_disk`` or with data files) text column."""
-    try:
-        import datasets
-    except ImportError:
-        raise FewstepError("Hugging Face datasets are optional: pip install 'fewstep[datasets]'") from None
-    p = Path(name)
-    try:
-        saved = p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists())
-        ds = datasets.load_from_disk(name) if saved else datasets.load_dataset(name, split=split)
-    except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
-        raise FewstepError(f"cannot load dataset {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise FewstepError(f"dataset {name!r} has no split {split!r}; valid: {', '.join(ds)}")
-        ds = ds[split]
-    names = ds.column_names
-    prompts = _column({c: ds[c] for c in ([column] if column in names else names if column is None else [])} or
-                      dict.fromkeys(names, []), column, f"dataset {name!r}")
+    from .hf import open_dataset
+
+    ds = open_dataset(name, split)
+    prompts = _texts(ds[_pick(ds.column_names, column, f"dataset {name!r}")])
     if not prompts:
         raise FewstepError(f"dataset {name!r} holds no prompts in column {column or 'text'!r}")
     return prompts
