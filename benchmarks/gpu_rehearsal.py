@@ -252,7 +252,7 @@ def rehearse(label: str, name: str, extra: list[str], stand: tuple, root: Path, 
              deadline: float) -> list[dict]:
     from fewstep.config import load_recipe
     from fewstep.run import run_pairs, stage_recipes
-    from fewstep.testing.recipes import family_of, standin_overrides
+    from fewstep.testing.recipes import cpu_overrides, family_of, standin_overrides
     from fewstep.testing.tiny import TINY_RESOLUTION
 
     pipes, folders, lpips = stand
@@ -263,12 +263,8 @@ def rehearse(label: str, name: str, extra: list[str], stand: tuple, root: Path, 
     over = standin_overrides(name, pipelines=pipes, images=folders[res], resolution=res, lpips_weights=lpips)
     over += [f"train.output_dir={root / 'runs' / label}", "train.progress=false", "train.sample_every=0",
              "train.eval_every=0", *extra]
-    if (load_recipe(name).raw.get("data") or {}).get("name") == "prompts":  # timed steps, not a real run
-        over.append("data.min_prompts=0")
-    if tiny:  # float32 on CPU: its float16 and bfloat16 kernels are slow and say nothing about a GPU's
-        over += ["train.batch_size=2", "pairs.batch_size=2", "train.mixed_precision='no'", "train.teacher_dtype=float32"]
-        over += [f"stages.{st['name']}.train.batch_size=2" for st in load_recipe(name).stages
-                 if "batch_size" in (st.get("train") or {})]
+    if tiny:
+        over += cpu_overrides(name)
     recipe = load_recipe(name, over)
     if recipe.pairs is not None:
         n = min(recipe.pairs.batch_size, 4)
@@ -332,7 +328,7 @@ def save_resume_export(pipes: dict[str, Path], folders: dict, root: Path, tiny: 
     over += [f"train.output_dir={root / 'runs' / 'save_resume_export'}", "train.progress=false", "train.sample_every=0",
              "train.checkpoint_every=1", "train.log_every=1", "train.batch_size=2"]
     if tiny:
-        over += ["train.mixed_precision='no'", "train.teacher_dtype=float32"]
+        over += ["train.mixed_precision=no", "train.teacher_dtype=float32"]
     logs: list[str] = []
     t0 = time.perf_counter()
     first = run_recipe(load_recipe(name, over + ["train.max_steps=2"]), log=logs.append)

@@ -18,7 +18,8 @@ def family_of(name: str) -> str | None:
 
 def standin_overrides(name: str, *, pipelines: dict[str, str | Path], images: str | Path, resolution: int,
                       lpips_weights: str | Path | None) -> list[str]:
-    """``key=value`` overrides pointing recipe ``name`` (and each of its stages) at the stand-ins."""
+    """``key=value`` overrides pointing recipe ``name`` (and each of its stages) at the stand-ins: among them the
+    40 built-in prompts, whatever ``data.min_prompts`` a real run of the recipe asks for."""
     family = family_of(name)
     out = [f"teacher.path={pipelines[family]}"] if family else []
     recipe = load_recipe(name)
@@ -28,6 +29,16 @@ def standin_overrides(name: str, *, pipelines: dict[str, str | Path], images: st
     for prefix, section in sections:
         if family and (section.get("data") or {}).get("name") == "images":
             out += [f"{prefix}data.root={images}", f"{prefix}data.resolution={resolution}"]
+        if (section.get("data") or {}).get("name") == "prompts":
+            out.append(f"{prefix}data.min_prompts=0")
         if (section.get("loss") or {}).get("distance") == "lpips" and lpips_weights is not None:
             out.append(f"{prefix}loss.lpips_weights={lpips_weights}")
     return out
+
+
+def cpu_overrides(name: str) -> list[str]:
+    """Recipe ``name`` (each stage with a batch of its own too) at batch 2 in float32: what a CPU runs it at (its
+    float16 and bfloat16 kernels are slow and say nothing about a GPU's)."""
+    out = ["train.batch_size=2", "pairs.batch_size=2", "train.mixed_precision=no", "train.teacher_dtype=float32"]
+    return out + [f"stages.{st['name']}.train.batch_size=2" for st in load_recipe(name).stages
+                  if "batch_size" in (st.get("train") or {})]

@@ -11,14 +11,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..config import available_recipes, load_recipe
+from ..config import available_recipes
 from ..errors import FewstepError
-from .recipes import FAMILY, family_of, standin_overrides
+from .recipes import FAMILY, cpu_overrides, family_of, standin_overrides
 
-#: toy sizes: a CPU finishes any shipped recipe's stages in about a minute
-TOY = ["train.max_steps=2", "train.batch_size=2", "train.progress=false", "train.sample_every=0", "sample.num=2",
-       "sample.steps=2", "pairs.num=4", "pairs.shard_size=4", "pairs.batch_size=2", "pairs.steps=2",
-       "train.mixed_precision=no", "train.teacher_dtype=float32", "train.launch_processes=1"]
+#: toy lengths: with cpu_overrides' batch and precision, a CPU finishes any shipped recipe's stages in about a minute
+TOY = ["train.max_steps=2", "train.progress=false", "train.sample_every=0", "sample.num=2", "sample.steps=2",
+       "pairs.num=4", "pairs.shard_size=4", "pairs.steps=2", "train.launch_processes=1"]
 
 
 def tryout_args(name: str, out: Path) -> list[str]:
@@ -41,11 +40,7 @@ def tryout_args(name: str, out: Path) -> list[str]:
         save_random_lpips(lpips)
     over = standin_overrides(name, pipelines={family: pipe}, images=images, resolution=TINY_RESOLUTION,
                              lpips_weights=lpips)
-    if (load_recipe(name).raw.get("data") or {}).get("name") == "prompts":
-        over.append("data.min_prompts=0")  # the 40 built-in prompts, for 2 steps
-    stage_batches = [f"stages.{st['name']}.train.batch_size=2" for st in load_recipe(name).stages
-                     if "batch_size" in (st.get("train") or {})]
-    return ["distill", name, f"train.output_dir={out / name}", *TOY, *stage_batches, *over]
+    return ["distill", name, f"train.output_dir={out / name}", *TOY, *cpu_overrides(name), *over]
 
 
 def main(argv: list[str] | None = None) -> int:
