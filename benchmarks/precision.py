@@ -61,33 +61,41 @@ def sd15_unet(seed: int, tiny: bool, teacher: str | None = None):
     return UNet2DConditionModel(**config).float()
 
 
+def frozen_setup(unet, dtype: torch.dtype, x: torch.Tensor, autocast: str | None):
+    """(a frozen copy of ``unet`` in ``dtype`` on x's device, SD's schedule, the seeded noise of x_t, the run's
+    autocast context): what both gradient paths run under."""
+    import copy
+
+    from fewstep.schedules import VPSchedule
+
+    net = copy.deepcopy(unet).to(x.device, dtype).requires_grad_(False)
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(x.device)
+    kind = x.device.type
+    ctx = torch.autocast(kind, dtype=DTYPES[autocast]) if autocast else torch.autocast(kind, enabled=False)
+    return net, VPSchedule.from_betas(), eps, ctx
+
+
 def gan_gradient(unet, dtype: torch.dtype, x: torch.Tensor, t: torch.Tensor, cond: dict, gan_weight: float,
                  autocast: str | None, head_state: dict | None = None):
     """(dL/dx, dL/dmid, the head's state) for L = gan_weight * softplus(-D(x_t)) with the teacher in ``dtype``."""
-    import copy
-
+    from fewstep.denoisers.unet import UNetDenoiser
     from fewstep.discriminators import FeatureDiscriminator
     from fewstep.losses.gan import generator_loss
-    from fewstep.schedules import VPSchedule
-    from fewstep.denoisers.unet import UNetDenoiser
 
-    schedule = VPSchedule.from_betas()
-    net = copy.deepcopy(unet).to(x.device, dtype).requires_grad_(False)
+    net, schedule, eps, ctx = frozen_setup(unet, dtype, x, autocast)
     teacher = UNetDenoiser(net, schedule, "epsilon")
     torch.manual_seed(1)
     disc = FeatureDiscriminator(teacher).to(x.device)
     if head_state is not None:
         disc.load_state_dict(head_state)
     mid = {}
+
     def keep(module, inputs, output) -> None:  # returns None: the output is kept, not replaced
         output.retain_grad()
         mid["out"] = output
 
     net.mid_block.register_forward_hook(keep)
     x = x.clone().requires_grad_(True)
-    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(x.device)
-    kind = x.device.type
-    ctx = torch.autocast(kind, dtype=DTYPES[autocast]) if autocast else torch.autocast(kind, enabled=False)
     with ctx:
         x_t = schedule.add_noise(x, eps, t)
         loss = gan_weight * generator_loss(disc(x_t, t, cond), "non_saturating")
@@ -99,26 +107,19 @@ def lora_fake_gradient(unet, dtype: torch.dtype, x: torch.Tensor, t: torch.Tenso
                        rank: int = 64) -> torch.Tensor:
     """The fake score's denoising-loss gradient on its LoRA adapters (``fake_init: teacher_lora``: float32 adapters
     on the frozen teacher in ``dtype``, fewstep/losses/fdivergence.py), all adapter gradients in one vector."""
-    import copy
-
     import torch.nn.functional as F
 
     from fewstep.denoisers.unet import UNetDenoiser
     from fewstep.losses.fdivergence import FAKE_LORA_TARGETS
     from fewstep.lora import default_targets, inject_lora
-    from fewstep.schedules import VPSchedule
 
-    schedule = VPSchedule.from_betas()
-    net = copy.deepcopy(unet).to(x.device, dtype).requires_grad_(False)
+    net, schedule, eps, ctx = frozen_setup(unet, dtype, x, autocast)
     inject_lora(net, rank=rank, alpha=None, target_modules=default_targets(net, FAKE_LORA_TARGETS),
                 adapter_name="fake_score")
     adapters = [p for n, p in net.named_parameters() if "lora_" in n]
     for p in adapters:
         p.data = p.data.float()
     fake = UNetDenoiser(net, schedule, "epsilon")
-    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(x.device)
-    kind = x.device.type
-    ctx = torch.autocast(kind, dtype=DTYPES[autocast]) if autocast else torch.autocast(kind, enabled=False)
     with ctx:
         x_t = schedule.add_noise(x, eps, t)
         loss = F.mse_loss(fake.native(x_t, t, cond).float(), fake.native_target(x, eps, t).float())
@@ -196,10 +197,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the rows as JSON (atomically)")
     args = p.parse_args(argv)
     from fewstep.config import load_recipe
+    from fewstep.run import stage_recipes
 
     recipe = load_recipe(args.recipe)
     tr = recipe.train
-    stages = [sub for _, kind, sub in __import__("fewstep.run", fromlist=["x"]).stage_recipes(recipe) if kind != "pairs"]
+    stages = [sub for _, kind, sub in stage_recipes(recipe) if kind != "pairs"]
     gan = max([recipe] + stages, key=lambda r: float(r.loss.get("gan_weight", 0.0) or 0.0))
     gan_weight = float(gan.loss.get("gan_weight", 0.0) or 0.0) or 1e-3
     batch = args.batch or max(1, gan.train.batch_size // gan.train.launch_processes)

@@ -82,9 +82,10 @@ The exported scheduler ({meta.get('scheduler', 'see fewstep.json')}) is the pipe
 """
 
 
-def hub_card(directory: Path, repo_id: str) -> str:
-    """README.md for the Hub: the metadata header, the loading lines, then the card fewstep wrote at export."""
-    meta = read_meta(directory)
+def hub_card(directory: Path, repo_id: str, meta: dict[str, Any] | None = None) -> str:
+    """README.md for the Hub: the metadata header, the loading lines, then the card fewstep wrote at export
+    (``meta``: the directory's fewstep.json, when the caller has read it)."""
+    meta = read_meta(directory) if meta is None else meta
     index = directory / "model_index.json"
     pipeline_class = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
     local = (directory / "README.md").read_text() if (directory / "README.md").is_file() else ""
@@ -95,7 +96,7 @@ def hub_card(directory: Path, repo_id: str) -> str:
 def push(directory: str | Path, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
     """Create ``repo_id`` (if needed) and commit every file of ``directory`` with the Hub card; the commit's URL."""
     directory = Path(directory).resolve()  # RUN/final is a link to the last stage's final/
-    read_meta(directory)  # a fewstep final/ directory, or one line saying it is not
+    meta = read_meta(directory)  # a fewstep final/ directory, or one line saying it is not
     if not REPO_ID.match(repo_id):
         raise FewstepError(f"--repo-id {repo_id!r} is not a Hub repository id (NAME or OWNER/NAME: letters, digits, "
                            "-, _ and .)")
@@ -104,10 +105,10 @@ def push(directory: str | Path, repo_id: str, *, private: bool = False, token: s
     from huggingface_hub import CommitOperationAdd, HfApi
 
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != "README.md")
-    ops = [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=hub_card(directory, repo_id).encode())]
+    ops = [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=hub_card(directory, repo_id, meta).encode())]
     ops += [CommitOperationAdd(path_in_repo=p.relative_to(directory).as_posix(), path_or_fileobj=str(p)) for p in files]
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    info = api.create_commit(repo_id, operations=ops, commit_message=f"fewstep: {read_meta(directory).get('recipe')}",
+    info = api.create_commit(repo_id, operations=ops, commit_message=f"fewstep: {meta.get('recipe')}",
                              repo_type="model")
     return str(getattr(info, "commit_url", info))

@@ -13,16 +13,15 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-
 import torch
 
+from . import runlock
 from .config import (RUN_LENGTH_KEYS, Recipe, apply_overrides, load_recipe, parse_override, run_differences,
                      split_stage_overrides, stage_override, validate)
 from .errors import FewstepError
-from . import runlock
 from .io import write_text_atomic
-from .yaml_core import load_yaml
 from .loop import Loop, LoopResult
+from .yaml_core import load_yaml
 
 RUN_FILES = ("checkpoints", "final", "best", "samples", "log.jsonl", "recipe.yaml", ".final.tmp", ".best.tmp", "DONE", "pairs",
              ".final.link.tmp")
