@@ -60,7 +60,6 @@ def _cases(tmp, tiny):
         (["distill", "gmm_teacher", out, "sample.steps=0"], "sample.steps and sample.num must be at least 1"),
         (["distill", "gmm_teacher", out, "student.path=stage:nope", "student.kind=pretrained"], "no earlier stage named 'nope'"),
         (["distill", str(bad_yaml)], "bad.yaml"),
-        (["distill", "gmm_teacher", "train.output_dir=/proc/forbidden/x"], "/proc/forbidden/x cannot be created"),
         (["distill", "gmm_teacher", f"train.output_dir={empty}/x"], "is not a directory"),
         (["distill", "gmm_teacher", out, "optimizer.lr=-1"], "AdamW refuses {'lr': -1.0}: Invalid learning rate"),
         (["distill", "gmm_reflow", out, "optimizer.lr=-1"], "Invalid learning rate"),  # before its first stage
