@@ -303,12 +303,49 @@ image = pipe("a photo of a cat", {steps}, guidance_scale={guidance}).images[0]
 def read_meta(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / META
     if not path.is_file():
-        raise FewstepError(f"{directory} is not a fewstep model directory (no {META}); pass a run's final/ directory")
+        raise FewstepError(f"{directory} is not a fewstep model directory (no {META}) nor a diffusers pipeline (no "
+                          "model_index.json); pass a run's final/ directory, a pipeline directory or a hub id")
     return json.loads(path.read_text())
 
 
+def is_plain_pipeline(name: str | Path) -> bool:
+    """Whether ``name`` is a diffusers pipeline fewstep did not write: a directory with ``model_index.json`` and no
+    ``fewstep.json``, or something that is no local path (a hub id, which ``load_pipeline`` resolves)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return (path / "model_index.json").is_file() and not (path / META).is_file()
+    return "/" in str(name) and not str(name).startswith((".", "/", "~"))
+
+
+def plain_pipeline_meta(lp) -> dict[str, Any]:
+    """The metadata a plain diffusers pipeline (a teacher users distill from, not a fewstep run's final/) is sampled
+    by: fewstep's deterministic solver for its schedule (DDIM with the scheduler's own spacing for epsilon/v-prediction
+    pipelines, Euler for flow matching) at the pipeline's own default steps and guidance_scale (read from its
+    ``__call__``: StableDiffusionPipeline 50 and 7.5, SDXL 50 and 5.0, SD3 28 and 7.0; FLUX.1's guidance is embedded,
+    the denoiser's default)."""
+    import inspect
+
+    if lp.family not in ("sd", "sdxl", "sd3", "flux") or type(lp.pipe).__name__ == "LatentConsistencyModelPipeline":
+        raise FewstepError(f"a plain {type(lp.pipe).__name__} has no teacher sampler in fewstep; valid plain pipelines: "
+                           "StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline")
+    defaults = {k: v.default for k, v in inspect.signature(type(lp.pipe).__call__).parameters.items()}
+    flow = lp.schedule.kind == "flow"
+    sampler: dict[str, Any] = {"solver": "euler" if flow else "ddim", "steps": int(defaults["num_inference_steps"]),
+                               "guidance": None if lp.family == "flux" else float(defaults["guidance_scale"])}
+    return {"kind": "pipeline", "family": lp.family, "method": "teacher (a plain diffusers pipeline)",
+            "recipe": None, "teacher": lp.origin["base"], "sampler": sampler, "sample_shape": list(lp.sample_shape),
+            "resolution": lp.resolution, "prediction_type": lp.prediction_type,
+            "scheduler": type(lp.pipe.scheduler).__name__, "plain_pipeline": True}
+
+
 def load_final(directory: str | Path, *, device: str | torch.device = "cpu") -> tuple[Denoiser, dict[str, Any], Any]:
-    """(denoiser, metadata, pipeline or None) from a ``final/`` directory."""
+    """(denoiser, metadata, pipeline or None) from a ``final/`` directory, or from a plain diffusers pipeline
+    (directory or hub id: ``plain_pipeline_meta`` gives its sampler)."""
+    if is_plain_pipeline(directory):
+        from .pipelines import load_pipeline
+
+        lp = load_pipeline(str(directory), device=device)
+        return lp.denoiser(), plain_pipeline_meta(lp), lp
     directory = Path(directory)
     meta = read_meta(directory)
     kind = meta["kind"]

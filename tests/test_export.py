@@ -41,3 +41,44 @@ def test_a_consistency_sampler_lcmscheduler_cannot_run_is_refused():
     check_exportable(den, {"solver": "consistency", "sigma_data": 0.5})
     with pytest.raises(FewstepError, match="fix sigma_data at 0.5"):
         check_exportable(den, {"solver": "consistency", "sigma_data": 0.25})
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_a_plain_diffusers_pipeline_samples_as_the_pipeline_does_with_its_defaults(tiny_dirs, family):
+    """A plain diffusers pipeline (no fewstep.json) is a teacher fewstep can sample, eval and bench: its sampler is the
+    pipeline's own default steps and guidance_scale (read from its __call__) on fewstep's deterministic solver for its
+    schedule. Reference: the diffusers pipeline itself, called on the same latents with that solver's diffusers
+    scheduler (DDIMScheduler / FlowMatchEulerDiscreteScheduler from its config), on two prompts (with the empty prompt
+    the guidance would cancel out: the guidance off by one is shown to move the result by > 100x the tolerance)."""
+    import diffusers
+
+    from fewstep.generate import Generator
+
+    gen = Generator.load(tiny_dirs[family], device="cpu")
+    expected_defaults = {"sd": ("ddim", 50, 7.5), "sd3": ("euler", 28, 7.0)}[family]
+    s = gen.meta["sampler"]
+    assert (s["solver"], s["steps"], s["guidance"]) == expected_defaults
+    prompts = ["a red circle", "two small green triangles"]
+    ours = gen(2, seed=3, steps=3, prompts=prompts)
+    pipe = gen.pipeline.pipe
+    if family == "sd":
+        pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    latents = torch.randn(2, *gen.meta["sample_shape"], generator=torch.Generator().manual_seed(3))
+    def theirs(guidance: float) -> torch.Tensor:
+        return pipe(prompts, num_inference_steps=3, guidance_scale=guidance, latents=latents, output_type="pt").images * 2 - 1
+
+    assert ours.shape == theirs(s["guidance"]).shape
+    assert (ours - theirs(s["guidance"])).abs().max() < 1e-4  # measured 1.5e-6 (sd), 3.0e-6 (sd3)
+    assert (ours - theirs(s["guidance"] + 1)).abs().max() > 1e-2  # measured 0.045, 0.11
+
+
+def test_a_fewstep_run_directory_is_not_taken_for_a_plain_pipeline(tmp_path, tiny_dirs):
+    from fewstep.export import is_plain_pipeline
+
+    assert is_plain_pipeline(tiny_dirs["sd"]) and is_plain_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "model_index.json").write_text("{}")
+    (tmp_path / "final" / "fewstep.json").write_text("{}")
+    assert not is_plain_pipeline(tmp_path / "final") and not is_plain_pipeline(tmp_path / "nothing")
+    with pytest.raises(FewstepError, match="nor a diffusers pipeline"):
+        load_final(tmp_path / "nothing")

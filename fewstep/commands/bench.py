@@ -17,7 +17,9 @@ from ..io import atomic_dir
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="latency versus quality for a teacher and students")
-    p.add_argument("--teacher", required=True, help="the teacher's final/ directory")
+    p.add_argument("--teacher", required=True,
+                   help="the teacher: a run's final/ directory, or a plain diffusers pipeline (directory or hub id), "
+                        "sampled with fewstep's DDIM/Euler at the pipeline's default steps and guidance_scale")
     p.add_argument("--teacher-steps", default="1,2,4,8,25")
     p.add_argument("--student", action="append", default=[], help="NAME=DIR or NAME=DIR@1,2,4 (repeatable)")
     p.add_argument("--student-steps", default="1,2,4")
@@ -115,7 +117,7 @@ def deployed_rows(gen, name: str, steps: int, batches: list[int], args: argparse
         ours = batch1_s if b == 1 else \
             measure(timed_run(gen, steps, b, args.seed), warmup=args.warmup, repeats=args.repeats)["median_s"]
         theirs = measure(plain, warmup=args.warmup, repeats=args.repeats)
-        out.append({"model": name, "steps": steps, "batch": b, "call": dict(kwargs),
+        out.append({"model": name, "steps": steps, "batch": b, "call": dict(kwargs), "scheduler": gen.meta.get("scheduler"),
                     "fewstep_median_s": ours, "pipeline_median_s": theirs["median_s"],
                     "pipeline_p90_s": theirs["p90_s"]})
     return out

@@ -12,7 +12,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="Fréchet distance, KID and precision/recall of samples against a reference")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--samples", help="a .safetensors file (tensor 'samples') or an image folder")
-    src.add_argument("--model", help="a run's final/ directory: generate --num samples from it")
+    src.add_argument("--model", help="a run's final/ directory or a plain diffusers pipeline: generate --num samples from it")
     p.add_argument("--num", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None)

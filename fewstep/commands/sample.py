@@ -9,7 +9,7 @@ from ..errors import FewstepError
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="sample a trained model into a PNG grid or a safetensors file")
-    p.add_argument("--model", required=True, help="a run's final/ directory")
+    p.add_argument("--model", required=True, help="a run's final/ directory, or a plain diffusers pipeline (directory or hub id)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own)")
     p.add_argument("--num", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)

@@ -168,3 +168,18 @@ def test_bench_arguments_for_in_process_callers_are_the_commands_defaults():
     assert vars(ours) == vars(cli) and ours.deploy_batches == "1,8"
     with pytest.raises(ValueError, match=r"unknown bench arguments \['nmu'\]; valid: .*'num'"):
         bench_arguments(nmu=7)
+
+
+def test_bench_takes_a_plain_diffusers_pipeline_as_the_teacher(tmp_path, tiny_dirs, captioned_dir):
+    """The SD teacher users distill from is a plain diffusers pipeline (no fewstep.json): bench measures it at each
+    step count and times its own pipeline call (with its own scheduler, named in the row) beside fewstep's sampler."""
+    out = tmp_path / "bench"
+    assert main(["bench", "--teacher", str(tiny_dirs["sd"]), "--teacher-steps", "1,2", "--num", "4", "--repeats", "1",
+                 "--warmup", "1", "--throughput-batch", "2", "--deploy-batches", "1", "--features", "inception",
+                 "--reference", str(captioned_dir), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    own = json.loads((tiny_dirs["sd"] / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+    assert [(r["model"], r["steps"]) for r in report["rows"]] == [("teacher", 1), ("teacher", 2)]
+    assert all(r["fd"] > 0 and r["median_s"] > 0 for r in report["rows"])
+    assert [(d["steps"], d["call"], d["scheduler"]) for d in report["deployed"]] == \
+        [(k, {"guidance_scale": 7.5, "num_inference_steps": k}, own) for k in (1, 2)]
