@@ -103,18 +103,28 @@ def pipeline_scheduler(student: Denoiser, pipeline, sampler: dict[str, Any]):
     return None
 
 
-def single_file_card(meta: dict[str, Any]) -> str:
-    """The model card's lines for ComfyUI and AUTOMATIC1111 users of the single-file checkpoint."""
+def single_file_card(meta: dict[str, Any], schedule: Schedule | None = None) -> str:
+    """The model card's lines for ComfyUI and AUTOMATIC1111 users of the single-file checkpoint; a student trained at
+    fixed timesteps (DMD2 SDXL's one step at 399) also gets the noise levels sigma = sqrt(1 - abar) / sqrt(abar) of
+    those timesteps on ``schedule``, which the UIs take as custom sigmas."""
     if not meta.get("single_file"):
         return ""
     s = meta["sampler"]
     cfg = 1.0 if s.get("guidance") is None else s["guidance"]
-    return (f"\n## ComfyUI and AUTOMATIC1111\n\n`{meta['single_file']}` is the whole model (UNet, VAE, text encoder) "
-            "in float16 in the original Stable Diffusion layout: put it in ComfyUI's `models/checkpoints` or "
+    fixed = ""
+    if s.get("timesteps") and schedule is not None:
+        alpha, sigma = schedule.alpha_sigma(torch.tensor([float(t) for t in s["timesteps"]], dtype=torch.float64))
+        sigmas = ", ".join(f"{v:.4f}" for v in (sigma / alpha).tolist())
+        fixed = (f" It was trained to start at timestep(s) {s['timesteps']}, not the UI's 999: give the sampler the "
+                 f"sigmas [{sigmas}, 0] (ComfyUI: SamplerCustom with those sigmas); the UI's default schedule gives "
+                 "another image.")
+    return (f"\n## ComfyUI and AUTOMATIC1111\n\n`{meta['single_file']}` is the whole model (UNet, VAE, text "
+            "encoders) in float16 in the original Stable Diffusion layout: put it in ComfyUI's `models/checkpoints` or "
             f"AUTOMATIC1111's `models/Stable-diffusion`. Sampler: {SINGLE_FILE_SAMPLERS[meta['scheduler']]}; steps: "
             f"{s['steps']}; CFG scale: {cfg}" + (" (the guidance is trained in: 1 means none on top)" if cfg == 1.0 else "")
-            + "; scheduler: the UI's default (normal). Their samplers space the steps themselves, so past one step "
-            "the result can differ slightly from `fewstep sample`'s (not measured: no UI runs in fewstep's tests).\n")
+            + "; scheduler: the UI's default (normal)." + fixed + " Their samplers space the steps themselves, so past "
+            "one step the result can differ slightly from `fewstep sample`'s (not measured: no UI runs in fewstep's "
+            "tests).\n")
 
 
 def model_card(meta: dict[str, Any], recipe_yaml: str, schedule: Schedule | None = None) -> str:
@@ -137,7 +147,7 @@ Made with fewstep {meta['fewstep_version']}.
 | scheduler | {meta.get('scheduler', 'see fewstep.json')} |
 
 Sample it with `fewstep sample --model <this directory> --num 16 --seed 0 --out samples.png`.
-{lora}{single_file_card(meta)}
+{lora}{single_file_card(meta, schedule)}
 ## Recipe
 
 ```yaml
@@ -178,9 +188,9 @@ def write_final(student: Denoiser, directory: Path, *, kind: str, meta: dict[str
             pipeline.pipe.save_pretrained(directory, safe_serialization=True)
             meta["scheduler"] = type(pipeline.pipe.scheduler).__name__
             if single_file_ready(pipeline, student, meta["scheduler"]):  # for ComfyUI / AUTOMATIC1111
-                from .single_file import save_sd_single_file
+                from .single_file import save_single_file
 
-                save_sd_single_file(pipeline.pipe, directory / SINGLE_FILE, dtype=torch.float16)
+                save_single_file(pipeline.pipe, directory / SINGLE_FILE, dtype=torch.float16)
                 meta["single_file"] = SINGLE_FILE
         finally:
             setattr(pipeline.pipe, attr, original)
@@ -208,7 +218,7 @@ def write_final(student: Denoiser, directory: Path, *, kind: str, meta: dict[str
     return directory
 
 
-#: the single-file checkpoint an SD 1.x pipeline student is also exported as (fewstep/single_file.py)
+#: the single-file checkpoint an SD 1.x or SDXL pipeline student is also exported as (fewstep/single_file.py)
 SINGLE_FILE = "model.safetensors"
 #: diffusers schedulers whose sampling ComfyUI and AUTOMATIC1111 have (their "lcm" / "LCM" and "ddim" / "DDIM")
 SINGLE_FILE_SAMPLERS = {"LCMScheduler": "LCM (ComfyUI sampler `lcm`, AUTOMATIC1111 `LCM`)",
@@ -216,11 +226,13 @@ SINGLE_FILE_SAMPLERS = {"LCMScheduler": "LCM (ComfyUI sampler `lcm`, AUTOMATIC11
 
 
 def single_file_ready(pipeline, student: Denoiser, scheduler: str) -> bool:
-    """An SD 1.x epsilon-prediction student on SD's own schedule, sampled by a scheduler those UIs have: what a
-    single file in the original layout runs as in them (a flow-trained UNet, InstaFlow's, would not, nor would
+    """An SD 1.x or SDXL epsilon-prediction student on SD's own schedule, sampled by a scheduler those UIs have: what
+    a single file in the original layout runs as in them (a flow-trained UNet, InstaFlow's, would not, nor would
     an LCM student's guidance-scale input, which the original UNet has no key for)."""
+    from .single_file import TEXT_PREFIXES
+
     unet = getattr(pipeline.pipe, "unet", None)
-    return (pipeline.family == "sd" and type(pipeline.pipe).__name__ == "StableDiffusionPipeline"
+    return (type(pipeline.pipe).__name__ in TEXT_PREFIXES
             and student.prediction_type == "epsilon" and student.schedule.kind == "vp"
             and scheduler in SINGLE_FILE_SAMPLERS
             and getattr(unet.config, "time_cond_proj_dim", None) is None)  # LCM's guidance input: no place there

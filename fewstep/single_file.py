@@ -1,12 +1,17 @@
-"""An SD 1.x pipeline as one single-file checkpoint in the original Stable Diffusion (LDM) key layout, the file
-ComfyUI and AUTOMATIC1111 load: ``model.diffusion_model.*`` (the UNet, openaimodel's layout),
-``first_stage_model.*`` (the VAE) and ``cond_stage_model.transformer.*`` (the CLIP text encoder).
+"""An SD 1.x or SDXL pipeline as one single-file checkpoint in the original Stable Diffusion key layout, the file
+ComfyUI and AUTOMATIC1111 load: ``model.diffusion_model.*`` (the UNet, openaimodel's layout), ``first_stage_model.*``
+(the VAE) and the text encoders: SD 1.x's CLIP at ``cond_stage_model.transformer.*``; SDXL's CLIP ViT-L at
+``conditioner.embedders.0.transformer.*`` and its OpenCLIP ViT-bigG at ``conditioner.embedders.1.model.*`` in
+OpenCLIP's own layout (generative-models' ``FrozenOpenCLIPEmbedder2``: ``transformer.resblocks.i`` with q, k and v
+stacked in ``attn.in_proj_weight``, ``mlp.c_fc``/``c_proj``, ``ln_final``, and ``text_projection`` used as x @ P,
+the transpose of transformers' Linear weight).
 
 The key correspondence is written from the two architectures (diffusers' UNet2DConditionModel and AutoencoderKL
 against the CompVis ``UNetModel`` and ``AutoencoderKL``): the UNet's input blocks are ``conv_in`` then, per level,
 ``layers_per_block`` (ResBlock, SpatialTransformer) pairs and a Downsample; its output blocks ``layers_per_block + 1``
-pairs per level with the Upsample after the last; the VAE's attention projections are 1x1 convolutions there, linear
-layers here. diffusers' own ``from_single_file`` reads the file back (tests/test_single_file.py)."""
+pairs per level with the Upsample after the last; SDXL's size and pooled-text embedding (``add_embedding``) is
+``label_emb.0``; the VAE's attention projections are 1x1 convolutions there, linear layers here. diffusers' own
+``from_single_file`` reads the files back (tests/test_single_file.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -88,13 +93,48 @@ def vae_key(key: str, config: Any) -> str:
     raise FewstepError(f"no single-file key for VAE parameter {key}")
 
 
-def sd_single_file_state(pipe) -> dict[str, Tensor]:
-    """An SD 1.x pipeline's UNet, VAE and text encoder in the original checkpoint's keys (tensors shared, VAE
-    attention projections reshaped to the 1x1 convolutions they are there)."""
-    from diffusers import StableDiffusionPipeline
+#: transformers' CLIP encoder layer -> OpenCLIP's residual attention block (``_sub`` table)
+OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+                   "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+#: the text encoders' prefixes in the single file, per pipeline class
+TEXT_PREFIXES = {"StableDiffusionPipeline": ("cond_stage_model.transformer.",),
+                 "StableDiffusionXLPipeline": ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")}
 
-    if type(pipe) is not StableDiffusionPipeline:
-        raise FewstepError(f"a single-file checkpoint is written for SD 1.x pipelines; this is {type(pipe).__name__}")
+
+def clip_state(text_encoder) -> dict[str, Tensor]:
+    """A transformers CLIPTextModel in the original layout: its keys under ``text_model.`` (transformers >= 5.6 drops
+    CLIPTextModel's ``text_model.``; the single file keeps it); the position-id buffer is no weight."""
+    return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in text_encoder.state_dict().items()
+            if not k.endswith("position_ids")}
+
+
+def open_clip_state(text_encoder) -> dict[str, Tensor]:
+    """A transformers CLIPTextModelWithProjection (SDXL's text_encoder_2) in OpenCLIP's text-tower layout."""
+    state = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    out = {"token_embedding.weight": state["embeddings.token_embedding.weight"],
+           "positional_embedding": state["embeddings.position_embedding.weight"],
+           "ln_final.weight": state["final_layer_norm.weight"], "ln_final.bias": state["final_layer_norm.bias"],
+           "text_projection": state["text_projection.weight"].T}
+    for key, value in state.items():
+        if key.startswith("encoder.layers."):
+            _, _, i, rest = key.split(".", 3)
+            if rest.startswith(("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.")):
+                continue  # stacked into in_proj below
+            out[f"transformer.resblocks.{i}." + _sub(rest, OPEN_CLIP_LAYER)] = value
+    for i in range(text_encoder.config.num_hidden_layers):
+        for kind in ("weight", "bias"):
+            out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(
+                [state[f"encoder.layers.{i}.self_attn.{p}_proj.{kind}"] for p in ("q", "k", "v")])
+    return out
+
+
+def single_file_state(pipe) -> dict[str, Tensor]:
+    """An SD 1.x or SDXL pipeline's UNet, VAE and text encoders in the original checkpoint's keys (tensors shared
+    where the layouts agree, VAE attention projections reshaped to the 1x1 convolutions they are there)."""
+    prefixes = TEXT_PREFIXES.get(type(pipe).__name__)
+    if prefixes is None:
+        raise FewstepError(f"a single-file checkpoint is written for {' and '.join(TEXT_PREFIXES)}; "
+                           f"this is {type(pipe).__name__}")
     out: dict[str, Tensor] = {}
     for key, value in pipe.unet.state_dict().items():
         out["model.diffusion_model." + unet_key(key, pipe.unet.config)] = value
@@ -103,16 +143,19 @@ def sd_single_file_state(pipe) -> dict[str, Tensor]:
         if ".mid.attn_1." in mapped and mapped.endswith(".weight") and value.ndim == 2:
             value = value[:, :, None, None]  # Linear -> 1x1 Conv2d
         out["first_stage_model." + mapped] = value
-    for key, value in pipe.text_encoder.state_dict().items():  # transformers >= 5.6 drops CLIPTextModel's text_model.
-        out["cond_stage_model.transformer." + (key if key.startswith("text_model.") else "text_model." + key)] = value
+    texts = [clip_state(pipe.text_encoder)]
+    if len(prefixes) == 2:
+        texts.append(open_clip_state(pipe.text_encoder_2))
+    for prefix, state in zip(prefixes, texts):
+        out.update({prefix + k: v for k, v in state.items()})
     return out
 
 
-def save_sd_single_file(pipe, path: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write ``sd_single_file_state(pipe)`` as one safetensors file, atomically; floating tensors in ``dtype``
+def save_single_file(pipe, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write ``single_file_state(pipe)`` as one safetensors file, atomically; floating tensors in ``dtype``
     (default: as they are)."""
     from .io import save_safetensors_atomic
 
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous()
-             for k, v in sd_single_file_state(pipe).items()}
+             for k, v in single_file_state(pipe).items()}
     return save_safetensors_atomic(state, Path(path))
