@@ -95,6 +95,14 @@ def _pairs(path: str):
     return PairsDataset(path)
 
 
+def _shapes(split: str = "train", size: int = 1_000_000, resolution: int = 64, seed: int = 0, labels: bool = False):
+    """Procedural shapes with checkable captions (fewstep.data.shapes): images rendered from their index; with
+    ``labels``, class labels instead of captions (the shapes feature network's training data)."""
+    from ..data.shapes import ShapesDataset
+
+    return ShapesDataset(size, split, resolution, seed, labels)
+
+
 def _cache(path: str):
     from ..data.cache import CachedDataset
 
@@ -103,7 +111,7 @@ def _cache(path: str):
 
 DATA: dict[str, Callable[..., Any]] = {
     "digits": digits_data, "mixture": mixture_data, "images": _images, "tar": _tar, "hf": _hf,
-    "prompts": _prompts, "cache": _cache, "pairs": _pairs,
+    "prompts": _prompts, "cache": _cache, "pairs": _pairs, "shapes": _shapes,
 }
 
 

@@ -21,16 +21,44 @@ def byte_unicode_table() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(printable, chars)}
 
 
-def write_clip_tokenizer(directory: str | Path) -> Path:
-    """Write vocab.json and merges.txt that ``CLIPTokenizer.from_pretrained(directory)`` loads."""
+def word_merges(words: list[str]) -> list[tuple[str, str]]:
+    """BPE merges learned on ``words`` (each counted once; Sennrich et al. 2016's algorithm: merge the commonest
+    adjacent pair, ties broken by the pair's text, until every word is one symbol). Applied in this order, CLIP's
+    BPE turns each of ``words`` into a single token."""
+    segmented = [[*w[:-1], w[-1] + "</w>"] for w in dict.fromkeys(words) if w]
+    merges: list[tuple[str, str]] = []
+    while any(len(w) > 1 for w in segmented):
+        counts: dict[tuple[str, str], int] = {}
+        for w in segmented:
+            for pair in zip(w, w[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        best = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(best)
+        for k, w in enumerate(segmented):
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(w[i] + w[i + 1])
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            segmented[k] = out
+    return merges
+
+
+def write_clip_tokenizer(directory: str | Path, words: list[str] | None = None) -> Path:
+    """Write vocab.json and merges.txt that ``CLIPTokenizer.from_pretrained(directory)`` loads; with ``words``, the
+    merges make each of them one token (``word_merges``) instead of the few built-in ones."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    merges = word_merges(words) if words else MERGES
     symbols = list(byte_unicode_table().values())
-    vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in MERGES]
+    vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in MERGES) + "\n")
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
     return directory
 
 
