@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num", type=int, default=1000, help="samples per entry for the quality metrics")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reference", default="digits")
-    p.add_argument("--features", default=None, help="digits, inception or dinov2")
+    p.add_argument("--features", default=None, help="digits, shapes, inception or dinov2")
     p.add_argument("--inception-weights", default=None)
     p.add_argument("--repeats", type=int, default=20, help="timed batch-1 runs per entry")
     p.add_argument("--warmup", type=int, default=3)
@@ -196,10 +196,10 @@ def measure_into(args: argparse.Namespace, todo: list[tuple[str, str, int]], out
     """Generate, evaluate and time every entry; write the report into ``out`` (an ``atomic_dir`` in progress)."""
     import platform
 
-    from ..eval.evaluate import evaluate, make_extractor, reference_from
+    from ..eval.evaluate import default_features, evaluate, make_extractor, reference_from
     from ..generate import Generator, default_device
 
-    features = args.features or ("digits" if args.reference.split(":")[0] == "digits" else "inception")
+    features = args.features or default_features(args.reference)
     extract, protocol = make_extractor(features, inception_weights=args.inception_weights)
     reference = reference_from(args.reference, extract)
     from ..eval.latency import measure

