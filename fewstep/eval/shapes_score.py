@@ -21,8 +21,8 @@ import numpy as np
 from ..data.shapes import COLOURS, RELATIONS, SHAPES, SIZES, shape_mask
 from ..errors import FewstepError
 
-#: components smaller than this (pixels at 64 x 64) are specks, not objects
-MIN_AREA = 24
+#: components smaller than this (pixels at 64 x 64; half the smallest object, a small triangle of 84.5) are specks
+MIN_AREA = 40
 #: positions must differ by this many pixels (at 64 x 64) along the relation's axis
 POSITION_MARGIN = 3.0
 #: a pixel is foreground when its RGB distance to the background and its saturation both exceed these

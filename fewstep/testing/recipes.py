@@ -25,10 +25,16 @@ def standin_overrides(name: str, *, pipelines: dict[str, str | Path], images: st
     recipe = load_recipe(name)
     if family and recipe.raw.get("teacher", {}).get("resolution"):  # a recipe's own size (FLUX.1 at 512) -> the tiny one
         out.append(f"teacher.resolution={resolution}")
+    student = recipe.raw.get("student") or {}
+    trains_pipeline = not family and student.get("kind") == "pipeline" and student.get("path")
+    if trains_pipeline:  # a pipeline trained from data (shapes_teacher): the SD stand-in as its base
+        out.append(f"student.path={pipelines['sd']}")
     sections = [("", recipe.raw)] + [(f"stages.{st['name']}.", st) for st in recipe.stages]
     for prefix, section in sections:
-        if family and (section.get("data") or {}).get("name") == "images":
-            out += [f"{prefix}data.root={images}", f"{prefix}data.resolution={resolution}"]
+        data_name = (section.get("data") or {}).get("name")
+        if (family and data_name == "images") or (trains_pipeline and data_name == "shapes"):
+            out += [f"{prefix}data.root={images}"] if data_name == "images" else []
+            out.append(f"{prefix}data.resolution={resolution}")
         if (section.get("data") or {}).get("name") == "prompts":
             out.append(f"{prefix}data.min_prompts=0")
         if (section.get("loss") or {}).get("distance") == "lpips" and lpips_weights is not None:
