@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fewstep.data.shapes import scene
+from fewstep.data.shapes import scene, to_model_range
 from fewstep.eval.shapes_score import ATTRIBUTES, adherence
 
 ASSET = Path(__file__).resolve().parents[1] / "fewstep" / "assets" / "shapes_teacher"
@@ -62,8 +62,7 @@ def main() -> None:
             t0 = time.time()
             images = sample(pipe, captions, steps, args.guidance, args.seed)
             scores = adherence(images, captions)
-            x = torch.from_numpy(images).permute(0, 3, 1, 2).float() * 2 - 1
-            fd = evaluate(x, extract, reference, with_kid=False, with_pr=False)["fd"]
+            fd = evaluate(to_model_range(images), extract, reference, with_kid=False, with_pr=False)["fd"]
             rows.append({"split": split, "steps": steps, "fd": fd, **scores, "seconds": time.time() - t0})
             print(json.dumps(rows[-1]), flush=True)
     args.out.mkdir(parents=True)

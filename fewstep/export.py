@@ -323,10 +323,12 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
 def is_plain_pipeline(name: str | Path) -> bool:
     """Whether ``name`` is a diffusers pipeline fewstep did not write: a directory with ``model_index.json`` and no
     ``fewstep.json``, or something that is no local path (a hub id, which ``load_pipeline`` resolves)."""
+    from .pipelines import is_hub_id
+
     path = Path(name).expanduser()
     if path.exists():
         return (path / "model_index.json").is_file() and not (path / META).is_file()
-    return "/" in str(name) and not str(name).startswith((".", "/", "~"))
+    return is_hub_id(str(name))
 
 
 def plain_pipeline_meta(lp) -> dict[str, Any]:
@@ -337,7 +339,7 @@ def plain_pipeline_meta(lp) -> dict[str, Any]:
     the denoiser's default)."""
     import inspect
 
-    if lp.family not in ("sd", "sdxl", "sd3", "flux") or type(lp.pipe).__name__ == "LatentConsistencyModelPipeline":
+    if type(lp.pipe).__name__ == "LatentConsistencyModelPipeline":  # every other class load_pipeline takes has one
         raise FewstepError(f"a plain {type(lp.pipe).__name__} has no teacher sampler in fewstep; valid plain pipelines: "
                            "StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline")
     defaults = {k: v.default for k, v in inspect.signature(type(lp.pipe).__call__).parameters.items()}

@@ -46,6 +46,12 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` names a Hub repository (``org/name``) and not a local path: nothing exists there and it
+    does not look like a path (``_looks_local``)."""
+    return "/" in name and not Path(name).expanduser().exists() and not _looks_local(name)
+
+
 def resolve_model(name: str) -> str:
     """Check a model path or hub id before loading; raise one clear line when it cannot be had."""
     path = Path(name).expanduser()

@@ -32,7 +32,9 @@ REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0
 def base_model(meta: dict[str, Any]) -> str | None:
     """The Hub id a student was distilled from: a LoRA's base, or the teacher's path when it is a hub id."""
     base = meta.get("base") or str(meta.get("teacher") or "").split(": ", 1)[-1]
-    if base and "/" in base and not Path(base).exists() and not base.startswith(("/", ".", "stage:")):
+    from .pipelines import is_hub_id
+
+    if base and is_hub_id(base) and not base.startswith("stage:"):
         return base
     return None
 

@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -39,11 +38,12 @@ STAGES = ("text", "vae", "base", "unet", "asset")
 
 # ----------------------------------------------------------------------------- resumable training
 def _batches(split: str, start: int, batch: int, seed: int):
-    """Rendered scenes start.. of ``split``: (images (B, 3, 64, 64) in [-1, 1], captions)."""
-    from fewstep.data.shapes import render, scene, to_model_range
+    """Scenes start.. of ``split`` as the shapes data source gives them: (images (B, 3, 64, 64) in [-1, 1], captions)."""
+    from fewstep.data.shapes import ShapesDataset
 
-    scenes = [scene(i, split, seed) for i in range(start, start + batch)]
-    return to_model_range(np.stack([render(s) for s in scenes])), [s.caption for s in scenes]
+    data = ShapesDataset(start + batch, split, seed=seed)
+    items = [data[i] for i in range(start, start + batch)]
+    return torch.stack([it["x0"] for it in items]), [it["prompt"] for it in items]
 
 
 def _resume(root: Path, modules: dict[str, nn.Module], opt: torch.optim.Optimizer) -> int:
@@ -61,19 +61,22 @@ def _resume(root: Path, modules: dict[str, nn.Module], opt: torch.optim.Optimize
     return int(state["step"])
 
 
-def _save(root: Path, step: int, modules: dict[str, nn.Module], opt: torch.optim.Optimizer, **extra) -> None:
+def _save(root: Path, step: int, modules: dict[str, nn.Module], opt: torch.optim.Optimizer) -> None:
     from fewstep.checkpoint import flatten_state, save_checkpoint
 
     skeleton, tensors = flatten_state(opt.state_dict())
     groups = {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in modules.items()}
-    save_checkpoint(root, step, {**groups, "optimizer": tensors}, {"step": step, "optimizer": skeleton, **extra})
+    save_checkpoint(root, step, {**groups, "optimizer": tensors}, {"step": step, "optimizer": skeleton})
 
 
-def _loop(root: Path, modules: dict[str, nn.Module], opt, steps: int, step_fn, every: int = 200) -> None:
-    """Run ``step_fn(step) -> dict of floats`` from the resumed step to ``steps``, checkpointing every ``every``."""
+def _loop(root: Path, modules: dict[str, nn.Module], opt, steps: int, lr: float, step_fn, every: int = 200) -> None:
+    """Run ``step_fn(step) -> dict of floats`` from the resumed step to ``steps`` at learning rate ``lr`` (100 warm-up
+    steps, then cosine to 0 at ``steps``), checkpointing every ``every``."""
     step = _resume(root, modules, opt)
     start, t0 = step, time.time()
     while step < steps:
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
         logs = step_fn(step)
         step += 1
         if step % every == 0 or step == steps:
@@ -147,15 +150,13 @@ def train_text(work: Path, steps: int, batch: int = 192, lr: float = 1e-3) -> No
         same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
         target = same / same.sum(1, keepdim=True)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         retrieval = same[torch.arange(batch), logits.argmax(1)].mean()  # caption -> an image with that caption
         return {"loss": loss.item(), "retrieval": retrieval.item()}
 
-    _loop(work / "text", modules, opt, steps, step_fn)
+    _loop(work / "text", modules, opt, steps, lr, step_fn)
 
 
 # ----------------------------------------------------------------------------- 2. VAE
@@ -186,16 +187,14 @@ def train_vae(work: Path, steps: int, batch: int = 16, lr: float = 1e-3, kl_weig
         posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.sample()).sample
         rec = ((recon - images).abs() + (recon - images) ** 2).mul(_object_weight(images)).mean()
-        kl = posterior.kl().mean() / images[0].numel()
-        loss = rec + kl_weight * kl * images[0].numel()
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        kl = posterior.kl().mean()  # per image, summed over the latent
+        loss = rec + kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return {"rec": rec.item(), "kl": kl.item()}
+        return {"rec": rec.item(), "kl per pixel": kl.item() / images[0].numel()}
 
-    _loop(work / "vae", {"vae": vae}, opt, steps, step_fn)
+    _loop(work / "vae", {"vae": vae}, opt, steps, lr, step_fn)
 
 
 @torch.no_grad()

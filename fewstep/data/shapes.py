@@ -235,6 +235,6 @@ class ShapesDataset(Dataset):
 
 def vocabulary() -> list[str]:
     """Every word a caption can contain (for the tokenizer)."""
-    words = {"a", "an", "one", "two", "photo", "of", "to", "the", "left", "right", "above", "below", *COLOURS,
-             *SIZES, *SHAPES, *(_plural(s) for s in SHAPES)}
+    words = {"a", "an", "one", "two", "photo", "of", *(w for r in RELATIONS for w in r.split()), *COLOURS, *SIZES,
+             *SHAPES, *(_plural(s) for s in SHAPES)}
     return sorted(words)

@@ -54,16 +54,11 @@ def make_extractor(features: str, *, inception_weights: str | None = None, prepr
                    dinov2: str = "facebook/dinov2-large") -> tuple[Callable[[Tensor], Tensor], str]:
     """(images -> float64 features, a description of the protocol)."""
     check_choice(features, FEATURES, "features")
-    if features == "digits":
-        from .digits_net import digits_features, load_digits_net
-
-        net = load_digits_net()
-        return (lambda x: digits_features(net, x)), "digits feature network (fewstep/assets, 64-d)"
-    if features == "shapes":
+    if features in ("digits", "shapes"):  # the embedded data's own networks, shipped in fewstep/assets
         from .digits_net import ASSETS, digits_features, load_digits_net
 
-        net = load_digits_net(ASSETS / "shapes_features", "shapes_features")
-        return (lambda x: digits_features(net, x)), "shapes feature network (fewstep/assets/shapes_features, 64-d)"
+        net = load_digits_net(ASSETS / f"{features}_features", f"{features}_features")
+        return (lambda x: digits_features(net, x)), f"{features} feature network (fewstep/assets/{features}_features, 64-d)"
     if features == "inception":
         from .features import SCALING, inception_extractor
         from .inception import load_fid_inception

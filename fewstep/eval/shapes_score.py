@@ -170,10 +170,11 @@ def score(image: np.ndarray, caption: str) -> dict[str, bool]:
     if want.kind in ("single", "count"):
         n = 1 if want.kind == "single" else 2
         out["object" if n == 1 else "count"] = len(found) == n
-        out["colour"] = bool(found) and all(f.colour == colour for f in found[:n]) and len(found) >= n
-        out["shape"] = bool(found) and all(f.shape == shape for f in found[:n]) and len(found) >= n
+        largest = found[:n] if len(found) >= n else []  # too few objects fail every attribute
+        out["colour"] = bool(largest) and all(f.colour == colour for f in largest)
+        out["shape"] = bool(largest) and all(f.shape == shape for f in largest)
         if size is not None:
-            out["size"] = bool(found) and all(f.size == size for f in found[:n]) and len(found) >= n
+            out["size"] = bool(largest) and all(f.size == size for f in largest)
         return out
     (colour2, shape2, _) = want.objects[1]
     two = found[:2] if len(found) == 2 else []

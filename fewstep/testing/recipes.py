@@ -32,10 +32,11 @@ def standin_overrides(name: str, *, pipelines: dict[str, str | Path], images: st
     sections = [("", recipe.raw)] + [(f"stages.{st['name']}.", st) for st in recipe.stages]
     for prefix, section in sections:
         data_name = (section.get("data") or {}).get("name")
+        if family and data_name == "images":
+            out.append(f"{prefix}data.root={images}")
         if (family and data_name == "images") or (trains_pipeline and data_name == "shapes"):
-            out += [f"{prefix}data.root={images}"] if data_name == "images" else []
             out.append(f"{prefix}data.resolution={resolution}")
-        if (section.get("data") or {}).get("name") == "prompts":
+        if data_name == "prompts":
             out.append(f"{prefix}data.min_prompts=0")
         if (section.get("loss") or {}).get("distance") == "lpips" and lpips_weights is not None:
             out.append(f"{prefix}loss.lpips_weights={lpips_weights}")
